@@ -1,0 +1,55 @@
+"""Derive a :class:`~permerge.spec.PermutationSpec` from an arbitrary ``nn.Module``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from torch import nn
+
+from permerge.graph.capture import capture
+from permerge.graph.groups import build_spec
+from permerge.graph.propagate import propagate
+from permerge.graph.rules import RULES, Call, Rule, register_rule
+from permerge.spec import PermutationSpec
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["RULES", "Call", "register_rule", "trace"]
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    rules: Mapping[object, Rule] | None = None,
+    freeze: Iterable[str] = (),
+    strict: bool = False,
+) -> PermutationSpec:
+    """Find every group of hidden units that can be permuted without changing ``model``'s function.
+
+    Traces ``model(*example_inputs, **example_kwargs)`` with ``torch.export`` (eval mode; the model
+    is left as it was), propagates channel spaces through the ATen graph with the per-op
+    :data:`RULES` (plus ``rules``, which take precedence), and returns the groups and the frozen
+    spaces with their reasons. Ops without a rule freeze what they touch (``strict=True`` raises
+    instead); ``freeze`` names groups to leave unpermuted.
+
+    Example:
+        >>> import torch, permerge
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> spec = permerge.trace(mlp, torch.randn(3, 4))
+        >>> [(g.name, g.size) for g in spec.groups]
+        [('0.weight:0', 8)]
+    """
+    cap = capture(model, example_inputs, example_kwargs)
+    prop = propagate(cap, rules, strict)
+    spec = build_spec(prop, cap.aliases, cap.state_keys)
+    if prop.unknown:
+        LOG.warning(
+            "froze channels at ops without a rule: %s",
+            ", ".join(f"{op} ×{n}" for op, n in sorted(prop.unknown.items())),
+        )
+    LOG.info("traced %s: %d groups, %d frozen spaces", type(model).__name__, len(spec.groups), len(spec.frozen))
+    return spec.without(freeze) if freeze else spec

@@ -1,0 +1,103 @@
+"""Graph capture: the only module that calls ``torch.export``.
+
+We use ``torch.export.export(..., strict=False)`` rather than ``torch.fx.symbolic_trace``: fx
+fails on every Hugging Face model tried (Python control flow on proxies), while non-strict export
+runs the real Python code and records an ATen graph with ~30 op types, in which parameters and
+buffers appear as placeholders named by their state-dict keys (tied weights appear once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.export.graph_signature import InputKind
+
+from permerge.errors import TraceError
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["Captured", "capture", "as_args"]
+
+
+@dataclass(frozen=True)
+class Captured:
+    """An exported graph plus what each placeholder is."""
+
+    graph: fx.Graph
+    params: Mapping[str, str]  # placeholder name → state-dict key (parameters, persistent buffers)
+    frozen_inputs: Mapping[str, str]  # placeholder name → why it cannot move (constants, inputs)
+    aliases: Mapping[str, tuple[str, ...]]  # state-dict key → every key sharing its tensor
+    state_keys: tuple[str, ...]  # state-dict order, for deterministic naming
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    by_id: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        by_id.setdefault(id(v), []).append(k)
+    return {k: tuple(ks) for ks in by_id.values() for k in ks}
+
+
+def _with_training_flags_restored(model: nn.Module, fn: Any) -> Any:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        return fn()
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def capture(
+    model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None
+) -> Captured:
+    """Export ``model`` in eval mode (flags restored afterwards; weights never touched)."""
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
+    args, kwargs = as_args(example_inputs), dict(example_kwargs or {})
+
+    def run() -> Any:
+        with torch.no_grad():
+            try:
+                model(*args, **kwargs)
+            except Exception as e:  # the user's own forward: name the input shapes
+                shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+                raise TraceError(
+                    f"the model's forward failed on the example input (shapes {shapes}): "
+                    f"{type(e).__name__}: {e}. Pass an input the model accepts."
+                ) from e
+        try:
+            return torch.export.export(model, args, kwargs, strict=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TraceError(
+                f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first}. "
+                "Work around it by passing a hand-written spec instead of tracing "
+                "(permerge.PermutationSpec.from_axes_to_perm(...) or a JSON spec via --spec)."
+            ) from e
+
+    ep = _with_training_flags_restored(model, run)
+    params: dict[str, str] = {}
+    frozen: dict[str, str] = {}
+    for spec in ep.graph_signature.input_specs:
+        name = getattr(spec.arg, "name", None)
+        if name is None:
+            continue
+        if spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
+            params[name] = spec.target
+        elif spec.kind == InputKind.BUFFER:
+            frozen[name] = f"non-persistent buffer {spec.target} (not in the state dict)"
+        elif spec.kind == InputKind.USER_INPUT:
+            frozen[name] = f"model input {name!r}"
+        else:
+            frozen[name] = f"constant {spec.target}"
+    LOG.debug("exported %s: %d nodes", type(model).__name__, len(ep.graph.nodes))
+    return Captured(ep.graph, params, frozen, _aliases(model), tuple(model.state_dict().keys()))

@@ -1,0 +1,110 @@
+"""Turn propagated spaces into a :class:`PermutationSpec`: one group per free atomic space.
+
+Each parameter axis is decomposed along its space's sum/product structure into atomic parts; the
+positions each part occupies are fitted to an :class:`Axis` layout (offset, repeat, stride,
+block). A part that fits no such layout is frozen, and the extraction runs again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from permerge.graph.propagate import Propagation
+from permerge.graph.spaces import NON_CHANNEL, PROD, Spaces
+from permerge.spec import Axis, Frozen, Group, PermutationSpec
+
+__all__ = ["build_spec"]
+
+
+def _parts(sp: Spaces, s: int, pos: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(atomic root, positions (R, n, B))`` for every atomic part of space ``s``."""
+    r = sp.find(s)
+    st = sp.struct.get(r)
+    if st is None:
+        yield r, pos
+        return
+    kind, children = st
+    sizes = [sp.size[sp.find(c)] for c in children]
+    rep, _, blk = pos.shape
+    if kind == PROD:
+        for p, child in enumerate(children):
+            before, after = _prod(sizes[:p]), _prod(sizes[p + 1 :])
+            yield from _parts(sp, child, pos.reshape(rep * before, sizes[p], after * blk))
+    else:
+        start = 0
+        for child, n in zip(children, sizes):
+            yield from _parts(sp, child, pos[:, start : start + n, :])
+            start += n
+
+
+def _leaves(sp: Spaces, s: int) -> Iterator[int]:
+    r = sp.find(s)
+    st = sp.struct.get(r)
+    if st is None:
+        yield r
+    else:
+        for c in st[1]:
+            yield from _leaves(sp, c)
+
+
+def _fit(key: str, dim: int, pos: torch.Tensor) -> Axis | None:
+    rep, _, blk = pos.shape
+    offset = int(pos[0, 0, 0])
+    stride = int(pos[1, 0, 0]) - offset if rep > 1 else 0
+    ax = Axis(key, dim, block=blk, offset=offset, repeat=rep, stride=stride)
+    return ax if torch.equal(ax.positions(pos.shape[1]), pos) else None
+
+
+def _name(ax: Axis, part: int, nparts: int) -> str:
+    return f"{ax.key}:{ax.dim}" + (f"#{part}" if nparts > 1 else "")
+
+
+def build_spec(prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_keys: tuple[str, ...]) -> PermutationSpec:
+    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches."""
+    sp = prop.spaces
+    order = {k: i for i, k in enumerate(state_keys)}
+    canon = sorted(prop.param_dims, key=lambda k: order.get(k, len(order)))
+    while True:
+        members: dict[int, list[tuple[Axis, int, int]]] = {}
+        misfit: int | None = None
+        for key in canon:
+            for dim, s in enumerate(prop.param_dims[key]):
+                n = sp.size[sp.find(s)]
+                parts = list(_parts(sp, s, torch.arange(n).view(1, n, 1)))
+                for i, (root, pos) in enumerate(parts):
+                    for alias in aliases.get(key, (key,)):
+                        ax = _fit(alias, dim, pos)
+                        if ax is None:
+                            misfit = root
+                            break
+                        members.setdefault(root, []).append((ax, i, len(parts)))
+        if misfit is None:
+            break
+        sp.freeze(misfit, "layout too irregular for an Axis (nested repeats)")
+    groups: list[Group] = []
+    frozen: list[Frozen] = []
+    live = {leaf for s in prop.live for leaf in _leaves(sp, s)}
+    taken: set[str] = set()
+    for root, mem in members.items():
+        axes = tuple(dict.fromkeys(a for a, _, _ in mem))
+        size = sp.size[root]
+        reason = sp.frozen.get(root)
+        if reason is None and size > 1 and root in live:
+            first, part, nparts = mem[0]
+            name = _name(first, part, nparts)
+            while name in taken:
+                name += "'"
+            taken.add(name)
+            groups.append(Group(name, size, axes))
+        elif reason is not None and not reason.startswith(NON_CHANNEL) and size > 1:
+            frozen.append(Frozen(size, reason, axes))
+    return PermutationSpec(tuple(groups), tuple(frozen))
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out

@@ -1,0 +1,121 @@
+"""Propagate channel spaces through a captured graph, asking the per-op rules at every node.
+
+Generic: no op knowledge lives here. A node without a rule (or whose rule gives up) freezes every
+space it touches — the identity is always safe, a wrong tie is a silent bug — and the reason is
+recorded; with ``strict=True`` it raises instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from permerge.errors import TraceError
+from permerge.graph.capture import Captured
+from permerge.graph.rules import RULES, Call, Dims, Rule, rule_key
+from permerge.graph.spaces import Spaces
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["Propagation", "propagate"]
+
+
+@dataclass(frozen=True)
+class Propagation:
+    spaces: Spaces
+    param_dims: Mapping[str, Dims]  # state-dict key (canonical) → space of each axis
+    live: frozenset[int]  # spaces seen on some activation (roots at the end of the run)
+    unknown: Mapping[str, int]  # op → number of nodes frozen for lack of a rule
+
+
+def _tensor_dims(v: Any) -> list[Dims]:
+    if isinstance(v, tuple):
+        return [v]
+    if isinstance(v, list):
+        return [d for x in v for d in _tensor_dims(x)]
+    return []
+
+
+def _fresh_for(spaces: Spaces, val: Any, reason: str) -> Any:
+    if isinstance(val, torch.Tensor):
+        return tuple(spaces.new(int(n), reason) for n in val.shape)
+    if isinstance(val, (tuple, list)):
+        return [_fresh_for(spaces, v, reason) for v in val]
+    return None
+
+
+def _arg_nodes(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n) or n)
+    return out
+
+
+def propagate(
+    cap: Captured, rules: Mapping[object, Rule] | None = None, strict: bool = False
+) -> Propagation:
+    """Run every node's rule in graph order; returns the tied, refined and frozen spaces."""
+    table = {**RULES, **(rules or {})}
+    spaces = Spaces()
+    env: dict[fx.Node, Any] = {}
+    param_dims: dict[str, Dims] = {}
+    unknown: dict[str, int] = {}
+    for node in cap.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            if node.name in cap.params:
+                key = cap.params[node.name]
+                canon = cap.aliases.get(key, (key,))[0]  # tied weights: one tensor, one set of spaces
+                dims = tuple(spaces.new(int(n)) for n in val.shape)
+                if canon in param_dims:
+                    dims = tuple(spaces.union(a, b) for a, b in zip(param_dims[canon], dims))
+                param_dims[canon] = dims
+                env[node] = dims
+            else:
+                env[node] = _fresh_for(spaces, val, cap.frozen_inputs.get(node.name, f"input {node.name}"))
+            continue
+        if node.op == "output":
+            for d in _tensor_dims([env.get(a) for a in _arg_nodes(node)]):
+                for s in d:
+                    spaces.freeze(s, "model output")
+            continue
+        if node.op != "call_function":
+            env[node] = None
+            continue
+        rule = table.get(rule_key(node.target))
+        try:
+            if rule is None:
+                raise NotImplementedError("no rule")
+            env[node] = rule(Call(node, spaces, env))
+        except Exception as e:  # a rule that gives up must never leave a wrong tie behind
+            env[node] = _frozen_node(node, spaces, env, e, unknown, strict)
+    live = {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
+    return Propagation(spaces, param_dims, frozenset(live), unknown)
+
+
+def _frozen_node(
+    node: fx.Node, spaces: Spaces, env: dict[fx.Node, Any], err: Exception, unknown: dict[str, int], strict: bool
+) -> Any:
+    target = str(node.target)
+    why = "no rule for this op" if str(err) == "no rule" else f"rule failed: {err}"
+    touched = [s for a in _arg_nodes(node) for d in _tensor_dims(env.get(a)) for s in d]
+    channels = [s for s in touched if not spaces.is_frozen(s) and spaces.size[spaces.find(s)] > 1]
+    if strict and channels:
+        stack = node.meta.get("stack_trace") or ""
+        where = stack.strip().splitlines()[-2:] if stack else []
+        raise TraceError(
+            f"node {node.name} ({target}): {why}. It touches channel axes, which would be frozen. "
+            f"{' '.join(x.strip() for x in where)} Register a rule with "
+            "permerge.graph.register_rule, or trace with strict=False to freeze them."
+        ) from err
+    reason = f"{target} at node {node.name}: {why}"
+    for s in touched:
+        spaces.freeze(s, reason)
+    if channels:
+        unknown[target] = unknown.get(target, 0) + 1
+        LOG.info("froze %d axes at %s (%s)", len(channels), node.name, why)
+    return _fresh_for(spaces, node.meta.get("val"), f"output of {reason}")

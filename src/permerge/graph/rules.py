@@ -1,0 +1,638 @@
+"""Per-op channel rules: one small function per ATen op, registered in :data:`RULES`.
+
+A rule receives a :class:`Call` (the node, its arguments' channel spaces and shapes) and returns
+the spaces of the node's output: a tuple of space ids per output tensor (a list of those for ops
+returning several tensors, ``None`` for no tensor). It ties spaces that must move together
+(``union``), splits them (``refine``) and freezes what it cannot keep equivariant. An op with no
+rule freezes every space it touches — see :mod:`permerge.graph.propagate`.
+
+Rules are keyed by ``torch.ops.aten.<op>`` overload packets (torch.export's ATen graph), so the
+vocabulary is small; register your own with :func:`register_rule`.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from permerge.graph.spaces import NON_CHANNEL, PROD, SUM, Spaces
+
+__all__ = ["RULES", "Call", "Dims", "register_rule"]
+
+aten = torch.ops.aten
+Dims = tuple[int, ...]
+Rule = Callable[["Call"], Any]
+
+RULES: dict[object, Rule] = {}
+
+
+def register_rule(*targets: object) -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the rule for ATen overload packets / callables ``targets``.
+
+    Example:
+        >>> @register_rule(torch.ops.aten.my_pointwise)      # doctest: +SKIP
+        ... def _my_pointwise(c):
+        ...     return c.dims(c.arg(0))
+    """
+
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def rule_key(target: object) -> object:
+    """The registry key of a node target (ATen overloads share their packet's rule)."""
+    return getattr(target, "overloadpacket", target)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One node as a rule sees it: arguments by position/name, their spaces and shapes."""
+
+    node: fx.Node
+    spaces: Spaces
+    env: dict[fx.Node, Any]
+
+    def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
+        args, kwargs = self.node.args, self.node.kwargs
+        if i < len(args):
+            return args[i]
+        if name is not None and name in kwargs:
+            return kwargs[name]
+        schema = getattr(self.node.target, "_schema", None)
+        if schema is not None and i < len(schema.arguments):
+            a = schema.arguments[i]
+            if a.name in kwargs:
+                return kwargs[a.name]
+            if a.has_default_value():
+                return a.default_value
+        return default
+
+    def dims(self, a: Any) -> Dims:
+        v = self.env.get(a) if isinstance(a, fx.Node) else None
+        if not isinstance(v, tuple):
+            raise TypeError(f"argument {a!r} of {self.node.name} is not a tensor value")
+        return v
+
+    def shape(self, a: Any) -> tuple[int, ...]:
+        return tuple(int(x) for x in a.meta["val"].shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.node.meta["val"].shape)
+
+    def is_tensor(self, a: Any) -> bool:
+        return isinstance(a, fx.Node) and isinstance(self.env.get(a), tuple)
+
+    def fresh(self, shape: Sequence[int], what: str = "spatial") -> Dims:
+        return tuple(self.spaces.new(n, f"{NON_CHANNEL}{what} axis of {self.node.name}") for n in shape)
+
+    def union(self, a: int, b: int) -> int:
+        return self.spaces.union(a, b)
+
+    def freeze(self, s: int, reason: str) -> None:
+        self.spaces.freeze(s, f"{reason} at node {self.node.name} ({self.node.target})")
+
+
+# -- elementwise -----------------------------------------------------------------------------
+
+
+def broadcast(c: Call, operands: Sequence[Any]) -> Dims:
+    """Elementwise semantics: right-aligned axes of equal length are the same space."""
+    out = c.out_shape
+    dims: list[int | None] = [None] * len(out)
+    for a in operands:
+        if not c.is_tensor(a):
+            continue
+        ad, ash = c.dims(a), c.shape(a)
+        for k in range(1, len(ad) + 1):
+            if ash[-k] != out[-k] or ash[-k] == 1:
+                continue
+            j = len(out) - k
+            dims[j] = ad[-k] if dims[j] is None else c.union(dims[j], ad[-k])
+    return tuple(d if d is not None else c.spaces.new(n, f"{NON_CHANNEL}broadcast") for d, n in zip(dims, out))
+
+
+@register_rule(
+    aten.add, aten.sub, aten.mul, aten.div, aten.maximum, aten.minimum, aten.pow, aten.where,
+    aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.__and__,
+    aten.__or__, aten.logical_and, aten.logical_or, aten.atan2, aten.clamp, aten.rsub, aten.lerp,
+    aten.addcmul, aten.addcdiv, aten.fmod, aten.remainder, aten.floor_divide, aten.copysign,
+)  # fmt: skip
+def _elementwise(c: Call) -> Dims:
+    return broadcast(c, list(c.node.args) + list(c.node.kwargs.values()))
+
+
+@register_rule(
+    aten.add_, aten.sub_, aten.mul_, aten.div_, aten.relu_, aten.clamp_, aten.hardtanh_,
+    aten.masked_fill_, aten.copy_, aten.sigmoid_, aten.silu_, aten.gelu_,
+)  # fmt: skip
+def _inplace(c: Call) -> Dims:
+    """In-place ops (some survive non-strict export): the result is the first argument."""
+    out = broadcast(c, list(c.node.args) + list(c.node.kwargs.values()))
+    return tuple(c.union(a, b) for a, b in zip(c.dims(c.arg(0)), out))
+
+
+@register_rule(
+    aten.relu, aten.gelu, aten.silu, aten.sigmoid, aten.tanh, aten.neg, aten.dropout, aten.clone,
+    aten.contiguous, aten.alias, aten.detach, aten._to_copy, aten.to, aten.rsqrt, aten.sqrt,
+    aten.exp, aten.log, aten.abs, aten.hardtanh, aten.hardswish, aten.hardsigmoid, aten.leaky_relu,
+    aten.elu, aten.softplus, aten.erf, aten.mish, aten.sin, aten.cos, aten.reciprocal,
+    aten.lift_fresh_copy, aten.type_as, aten.square, aten.logical_not, aten.bitwise_not,
+    aten.sign, aten.floor, aten.ceil, aten.round, aten.relu6, aten.selu, aten.celu, aten.log1p,
+    aten.expm1, aten.exp2, aten.log2, aten.nan_to_num, aten.native_dropout, aten.feature_dropout,
+    aten.alpha_dropout, aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like,
+)  # fmt: skip
+def _pointwise(c: Call) -> Dims | list[Dims]:
+    x = c.arg(0)
+    d = c.dims(x)
+    if c.node.target == aten.native_dropout.default:
+        return [d, d]
+    if c.shape(x) != c.out_shape:
+        raise NotImplementedError("pointwise op changed the shape")
+    return d
+
+
+@register_rule(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
+def _softmax(c: Call) -> Dims:
+    """Softmax is permutation-equivariant along its axis, like any pointwise op."""
+    return c.dims(c.arg(0))
+
+
+# -- reductions ------------------------------------------------------------------------------
+
+
+@register_rule(
+    aten.mean, aten.sum, aten.amax, aten.amin, aten.var, aten.std, aten.logsumexp, aten.prod,
+    aten.norm, aten.linalg_vector_norm, aten.var_mean, aten.std_mean,
+)  # fmt: skip
+def _reduce(c: Call) -> Dims | list[Dims]:
+    """Symmetric reductions: invariant to any permutation of the reduced axes."""
+    x = c.arg(0)
+    xd = c.dims(x)
+    n = len(xd)
+    red = c.arg(1, "dim")
+    if c.node.target in (aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim):
+        red = c.arg(2, "dim")
+    if isinstance(red, int):
+        red = [red]
+    red = set(range(n)) if red is None or red == [] else {r % n for r in red}
+    keep = bool(c.node.kwargs.get("keepdim", False)) or any(
+        a is True for a in c.node.args[2:] if isinstance(a, bool)
+    )
+    out = tuple(
+        (c.spaces.new(1, f"{NON_CHANNEL}reduced") if keep else None) if i in red else d
+        for i, d in enumerate(xd)
+    )
+    out = tuple(d for d in out if d is not None)
+    val = c.node.meta["val"]
+    if isinstance(val, (tuple, list)):
+        return [out for _ in val]
+    if len(out) != len(c.out_shape):
+        raise NotImplementedError("could not follow the reduction's axes")
+    return out
+
+
+# -- linear algebra --------------------------------------------------------------------------
+
+
+@register_rule(aten.linear)
+def _linear(c: Call) -> Dims:
+    x, w, b = c.arg(0), c.arg(1), c.arg(2)
+    xd, wd = c.dims(x), c.dims(w)
+    c.union(xd[-1], wd[1])
+    if c.is_tensor(b):
+        c.union(c.dims(b)[-1], wd[0])
+    return xd[:-1] + (wd[0],)
+
+
+def _matmul_dims(c: Call, a: Any, b: Any) -> Dims:
+    ad, bd = c.dims(a), c.dims(b)
+    if len(ad) < 2 or len(bd) < 2:
+        raise NotImplementedError("matmul with a 1-d operand")
+    c.union(ad[-1], bd[-2])  # the contraction: Σ_k a_k b_k is invariant to one shared permutation
+    out = c.out_shape
+    batch_a, batch_b = ad[:-2], bd[:-2]
+    ash, bsh = c.shape(a)[:-2], c.shape(b)[:-2]
+    batch: list[int] = []
+    nb = len(out) - 2
+    for k in range(nb, 0, -1):
+        cand = [
+            dd[-k] for dd, sh in ((batch_a, ash), (batch_b, bsh)) if len(dd) >= k and sh[-k] == out[nb - k] and sh[-k] != 1
+        ]
+        s = cand[0] if cand else c.spaces.new(out[nb - k], f"{NON_CHANNEL}broadcast")
+        for o in cand[1:]:
+            s = c.union(s, o)
+        batch.append(s)
+    return tuple(batch) + (ad[-2], bd[-1])
+
+
+@register_rule(aten.matmul, aten.mm, aten.bmm)
+def _matmul(c: Call) -> Dims:
+    return _matmul_dims(c, c.arg(0), c.arg(1))
+
+
+@register_rule(aten.addmm, aten.baddbmm)
+def _addmm(c: Call) -> Dims:
+    out = _matmul_dims(c, c.arg(1), c.arg(2))
+    bias = c.arg(0)
+    if c.is_tensor(bias):
+        bd, bsh = c.dims(bias), c.shape(bias)
+        for k in range(1, len(bd) + 1):
+            if bsh[-k] == c.out_shape[-k] and bsh[-k] != 1:
+                c.union(bd[-k], out[-k])
+    return out
+
+
+@register_rule(aten.t, aten.numpy_T)
+def _t(c: Call) -> Dims:
+    return tuple(reversed(c.dims(c.arg(0))))
+
+
+# -- convolutions ----------------------------------------------------------------------------
+
+
+def _conv(c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int) -> Dims:
+    xd, wd = c.dims(x), c.dims(w)
+    for k in wd[2:]:
+        c.spaces.freeze(k, f"{NON_CHANNEL}kernel tap")
+    if not transposed:
+        if groups == 1:
+            c.union(xd[1], wd[1])
+            out_ch = wd[0]
+        else:
+            cin, cout = c.shape(x)[1], c.shape(w)[0]
+            xg, xw = c.spaces.refine(xd[1], PROD, (groups, cin // groups))
+            og, _ = c.spaces.refine(wd[0], PROD, (groups, cout // groups))
+            c.union(xg, og)
+            c.union(xw, wd[1])
+            out_ch = wd[0]
+    else:
+        c.union(xd[1], wd[0])
+        if groups == 1:
+            out_ch = wd[1]
+        else:
+            cin = c.shape(x)[1]
+            xg, _ = c.spaces.refine(xd[1], PROD, (groups, cin // groups))
+            out_ch = c.spaces.compose(PROD, (xg, wd[1]))
+    if c.is_tensor(b):
+        c.union(c.dims(b)[0], out_ch)
+    return (xd[0], out_ch) + c.fresh(c.out_shape[2:])
+
+
+@register_rule(aten.conv1d, aten.conv2d, aten.conv3d)
+def _convnd(c: Call) -> Dims:
+    if len(c.shape(c.arg(0))) == len(c.shape(c.arg(1))) - 1:
+        raise NotImplementedError("unbatched convolution input")
+    return _conv(c, c.arg(0), c.arg(1), c.arg(2), False, int(c.arg(6, "groups", 1)))
+
+
+@register_rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
+def _conv_transpose(c: Call) -> Dims:
+    return _conv(c, c.arg(0), c.arg(1), c.arg(2), True, int(c.arg(6, "groups", 1)))
+
+
+@register_rule(aten.convolution)
+def _convolution(c: Call) -> Dims:
+    return _conv(c, c.arg(0), c.arg(1), c.arg(2), bool(c.arg(6)), int(c.arg(8)))
+
+
+# -- normalisation ---------------------------------------------------------------------------
+
+
+def _tie_channel(c: Call, x: Any, params: Sequence[Any], axis: int = 1) -> Dims:
+    xd = c.dims(x)
+    for p in params:
+        if c.is_tensor(p) and c.shape(p) != (0,):
+            c.union(c.dims(p)[0], xd[axis])
+    return xd
+
+
+@register_rule(aten.batch_norm, aten.instance_norm)
+def _batch_norm(c: Call) -> Dims:
+    """BatchNorm: weight, bias *and* running mean/var follow the channel (axis 1)."""
+    return _tie_channel(c, c.arg(0), [c.arg(i) for i in (1, 2, 3, 4)])
+
+
+@register_rule(
+    aten._native_batch_norm_legit_no_training, aten._native_batch_norm_legit_functional,
+    aten._native_batch_norm_legit, aten.native_batch_norm,
+)  # fmt: skip
+def _native_batch_norm(c: Call) -> list[Dims]:
+    xd = _tie_channel(c, c.arg(0), [c.arg(i) for i in (1, 2, 3, 4)])
+    outs: list[Dims] = [xd]
+    for v in c.node.meta["val"][1:]:
+        outs.append((xd[1],) if tuple(v.shape) == (c.shape(c.arg(0))[1],) else c.fresh(tuple(v.shape), "statistic"))
+    return outs
+
+
+def _normalized(c: Call, x: Any, normalized_shape: Sequence[int], params: Sequence[Any]) -> Dims:
+    xd = c.dims(x)
+    k = len(normalized_shape)
+    for p in params:
+        if c.is_tensor(p):
+            for pd, s in zip(c.dims(p), xd[-k:]):
+                c.union(pd, s)
+    return xd
+
+
+@register_rule(aten.layer_norm, aten.rms_norm)
+def _layer_norm(c: Call) -> Dims:
+    """LayerNorm/RMSNorm normalise over the last axes with symmetric statistics."""
+    params = [c.arg(2, "weight"), c.arg(3, "bias")] if c.node.target != aten.rms_norm.default else [c.arg(2, "weight")]
+    return _normalized(c, c.arg(0), c.arg(1), params)
+
+
+@register_rule(aten.native_layer_norm, aten._fused_rms_norm)
+def _native_layer_norm(c: Call) -> list[Dims]:
+    n = len(c.arg(1))
+    params = [c.arg(2), c.arg(3)] if c.node.target != aten._fused_rms_norm.default else [c.arg(2)]
+    xd = _normalized(c, c.arg(0), c.arg(1), params)
+    return [xd] + [xd[:-n] + c.fresh((1,) * n, "statistic") for _ in c.node.meta["val"][1:]]
+
+
+@register_rule(aten.group_norm, aten.native_group_norm)
+def _group_norm(c: Call) -> Dims | list[Dims]:
+    """GroupNorm: channels = groups ⊗ within-group; both factors may be permuted, nothing more."""
+    x = c.arg(0)
+    native = c.node.target == aten.native_group_norm.default
+    groups = int(c.arg(6) if native else c.arg(1))
+    params = [c.arg(1), c.arg(2)] if native else [c.arg(2), c.arg(3)]
+    xd = c.dims(x)
+    cin = c.shape(x)[1]
+    c.spaces.refine(xd[1], PROD, (groups, cin // groups))
+    _tie_channel(c, x, params)
+    if native:
+        return [xd] + [c.fresh(tuple(v.shape), "statistic") for v in c.node.meta["val"][1:]]
+    return xd
+
+
+# -- embeddings and attention ----------------------------------------------------------------
+
+
+@register_rule(aten.embedding)
+def _embedding(c: Call) -> Dims:
+    w, idx = c.arg(0), c.arg(1)
+    wd = c.dims(w)
+    c.freeze(wd[0], "embedding rows are indexed by token ids")
+    return c.dims(idx) + (wd[1],)
+
+
+@register_rule(aten.scaled_dot_product_attention)
+def _sdpa(c: Call) -> Dims:
+    """softmax(q kᵀ) v per head: heads of q, k, v move together; q·k and v·out share head dims."""
+    q, k, v, mask = c.arg(0), c.arg(1), c.arg(2), c.arg(3, "attn_mask")
+    qd, kd, vd = c.dims(q), c.dims(k), c.dims(v)
+    c.union(qd[-1], kd[-1])
+    c.union(kd[-2], vd[-2])
+    c.union(kd[-3], vd[-3])
+    hq, hk = c.shape(q)[-3], c.shape(k)[-3]
+    heads = qd[-3]
+    if hq == hk:
+        c.union(heads, kd[-3])
+    else:  # grouped-query attention: query head h uses kv head h // (hq // hk)
+        kv_part, _ = c.spaces.refine(heads, PROD, (hk, hq // hk))
+        c.union(kv_part, kd[-3])
+    batch = tuple(c.union(a, b) for a, b in zip(qd[:-3], kd[:-3]))
+    out = batch + (heads, qd[-2], vd[-1])
+    if c.is_tensor(mask):  # a mask that differs per head pins the heads (broadcast ties it)
+        md, msh = c.dims(mask), c.shape(mask)
+        for j in range(1, len(md) + 1):
+            if msh[-j] != 1:
+                c.union(md[-j], out[-j] if j != 1 else kd[-2])
+    return out
+
+
+# -- shape ops -------------------------------------------------------------------------------
+
+
+def _reshape(c: Call, x: Any) -> Dims:
+    """View/reshape: split axes become products of parts, merged axes become products."""
+    xd, ish, osh = c.dims(x), c.shape(x), c.out_shape
+    src = [(d, n) for d, n in zip(xd, ish) if n != 1]
+    dst_pos = [j for j, n in enumerate(osh) if n != 1]
+    out: list[int | None] = [None] * len(osh)
+    i = j = 0
+    while i < len(src) or j < len(dst_pos):
+        pi, pj = src[i][1], osh[dst_pos[j]]
+        i1, j1 = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= src[i1][1]
+                i1 += 1
+            else:
+                pj *= osh[dst_pos[j1]]
+                j1 += 1
+        ins, outs = [s for s, _ in src[i:i1]], dst_pos[j:j1]
+        whole = ins[0] if len(ins) == 1 else c.spaces.compose(PROD, tuple(ins))
+        parts = c.spaces.refine(whole, PROD, tuple(osh[p] for p in outs))
+        for p, s in zip(outs, parts):
+            out[p] = s
+        i, j = i1, j1
+    return tuple(s if s is not None else c.spaces.new(1, f"{NON_CHANNEL}unit axis") for s in out)
+
+
+@register_rule(
+    aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
+    aten.squeeze, aten._reshape_alias,
+)  # fmt: skip
+def _view(c: Call) -> Dims:
+    return _reshape(c, c.arg(0))
+
+
+@register_rule(aten.expand)
+def _expand(c: Call) -> Dims:
+    x = c.arg(0)
+    xd, ish, osh = c.dims(x), c.shape(x), c.out_shape
+    lead = len(osh) - len(xd)
+    out = list(c.fresh(osh[:lead], "expanded"))
+    for d, n, m in zip(xd, ish, osh[lead:]):
+        out.append(d if n == m else c.spaces.new(m, f"{NON_CHANNEL}expanded axis"))
+    return tuple(out)
+
+
+@register_rule(aten.permute)
+def _permute(c: Call) -> Dims:
+    xd = c.dims(c.arg(0))
+    return tuple(xd[p % len(xd)] for p in c.arg(1))
+
+
+@register_rule(aten.transpose)
+def _transpose(c: Call) -> Dims:
+    xd = list(c.dims(c.arg(0)))
+    a, b = c.arg(1) % len(xd), c.arg(2) % len(xd)
+    xd[a], xd[b] = xd[b], xd[a]
+    return tuple(xd)
+
+
+@register_rule(aten.select)
+def _select(c: Call) -> Dims:
+    xd = c.dims(c.arg(0))
+    dim = c.arg(1) % len(xd)
+    c.freeze(xd[dim], "one position picked out of the axis")
+    return xd[:dim] + xd[dim + 1 :]
+
+
+def _slice_parts(c: Call, x: Any, dim: int, bounds: Sequence[int]) -> tuple[int, ...]:
+    """Refine axis ``dim`` of ``x`` at ``bounds`` and return the parts."""
+    xd, n = c.dims(x), c.shape(x)[dim]
+    edges = sorted({0, n, *(min(max(b, 0), n) for b in bounds)})
+    sizes = tuple(b - a for a, b in zip(edges, edges[1:]))
+    return c.spaces.refine(xd[dim], SUM, sizes) if len(sizes) > 1 else (xd[dim],)
+
+
+@register_rule(aten.slice)
+def _slice(c: Call) -> Dims:
+    x = c.arg(0)
+    xd, ish = c.dims(x), c.shape(x)
+    dim = c.arg(1, "dim", 0) % len(xd)
+    n = ish[dim]
+    start, end, step = c.arg(2, "start"), c.arg(3, "end"), c.arg(4, "step", 1)
+    start = 0 if start is None else (start + n if start < 0 else min(start, n))
+    end = n if end is None else (end + n if end < 0 else min(end, n))
+    if (start, end, step) == (0, n, 1):
+        return xd
+    out = list(xd)
+    if step != 1:
+        c.freeze(xd[dim], "strided slice")
+        out[dim] = c.spaces.new(c.out_shape[dim], f"{NON_CHANNEL}strided slice")
+        return tuple(out)
+    parts = _slice_parts(c, x, dim, (start, end))
+    sizes = [c.spaces.size[c.spaces.find(p)] for p in parts]
+    out[dim] = parts[[sum(sizes[:i]) for i in range(len(sizes))].index(start)]
+    return tuple(out)
+
+
+@register_rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split)
+def _split(c: Call) -> list[Dims]:
+    x = c.arg(0)
+    xd = c.dims(x)
+    dim = c.arg(2, "dim", 0) % len(xd)
+    sizes = [int(v.shape[dim]) for v in c.node.meta["val"]]
+    parts = _slice_parts(c, x, dim, [sum(sizes[:i]) for i in range(1, len(sizes))])
+    return [xd[:dim] + (p,) + xd[dim + 1 :] for p in parts]
+
+
+@register_rule(aten.cat)
+def _cat(c: Call) -> Dims:
+    tensors = [t for t in c.arg(0) if c.shape(t) != (0,)]
+    dim = c.arg(1, "dim", 0)
+    ref = c.dims(tensors[0])
+    dim %= len(ref)
+    for t in tensors[1:]:
+        for k, (a, b) in enumerate(zip(ref, c.dims(t))):
+            if k != dim:
+                c.union(a, b)
+    if len(tensors) == 1:
+        return ref
+    joined = c.spaces.compose(SUM, tuple(c.dims(t)[dim] for t in tensors))
+    return ref[:dim] + (joined,) + ref[dim + 1 :]
+
+
+@register_rule(aten.stack)
+def _stack(c: Call) -> Dims:
+    tensors = list(c.arg(0))
+    dim = c.arg(1, "dim", 0) % len(c.out_shape)
+    ref = c.dims(tensors[0])
+    for t in tensors[1:]:
+        for a, b in zip(ref, c.dims(t)):
+            c.union(a, b)
+    return ref[:dim] + c.fresh((len(tensors),), "stacked") + ref[dim:]
+
+
+@register_rule(aten.unbind)
+def _unbind(c: Call) -> list[Dims]:
+    xd = c.dims(c.arg(0))
+    dim = c.arg(1, "dim", 0) % len(xd)
+    c.freeze(xd[dim], "axis unbound into separate tensors")
+    return [xd[:dim] + xd[dim + 1 :] for _ in c.node.meta["val"]]
+
+
+@register_rule(aten.repeat)
+def _repeat(c: Call) -> Dims:
+    xd = c.dims(c.arg(0))
+    reps = list(c.arg(1))
+    lead = len(reps) - len(xd)
+    out = list(c.fresh(c.out_shape[:lead], "repeated"))
+    for d, r in zip(xd, reps[lead:]):
+        out.append(d if r == 1 else c.spaces.compose(PROD, (c.spaces.new(r, f"{NON_CHANNEL}repeat count"), d)))
+    return tuple(out)
+
+
+@register_rule(aten.constant_pad_nd, aten.pad)
+def _pad(c: Call) -> Dims:
+    x = c.arg(0)
+    xd = c.dims(x)
+    pad = list(c.arg(1))
+    out = list(xd)
+    for k in range(len(pad) // 2):
+        j = len(xd) - 1 - k
+        if pad[2 * k] or pad[2 * k + 1]:
+            c.freeze(xd[j], "padded axis")
+            out[j] = c.spaces.new(c.out_shape[j], f"{NON_CHANNEL}padded axis")
+    return tuple(out)
+
+
+# -- pooling and resampling (channel-first: axis 1 passes through, spatial axes are new) ------
+
+
+@register_rule(
+    aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d,
+    aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+    aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.max_pool2d_with_indices,
+    aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
+    aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_nearest3d,
+)  # fmt: skip
+def _pool(c: Call) -> Dims | list[Dims]:
+    x = c.arg(0)
+    xd = c.dims(x)
+    val = c.node.meta["val"]
+    shape = tuple(val[0].shape) if isinstance(val, (tuple, list)) else c.out_shape
+    keep = xd[: len(xd) - _spatial_rank(c.node)]
+    out = keep + c.fresh(shape[len(keep) :])
+    if isinstance(val, (tuple, list)):  # (values, indices): indices are per channel, too
+        return [out, out]
+    return out
+
+
+def _spatial_rank(node: fx.Node) -> int:
+    name = str(node.target)
+    for r in (1, 2, 3):
+        if f"{r}d" in name:
+            return r
+    raise NotImplementedError(f"unknown spatial rank of {name}")
+
+
+# -- structural no-ops, constants and getitem ------------------------------------------------
+
+
+@register_rule(
+    aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_size, aten.sym_numel,
+    aten.sym_stride, aten._assert_async, aten.sym_constrain_range_for_size,
+)  # fmt: skip
+def _no_value(c: Call) -> None:
+    return None
+
+
+@register_rule(
+    aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.new_ones, aten.new_zeros,
+    aten.new_full, aten.new_empty, aten.scalar_tensor, aten.rand, aten.randn, aten.linspace,
+)  # fmt: skip
+def _constant(c: Call) -> Dims:
+    """Fresh tensors carry no channel: every axis is frozen (tying a channel to it freezes it)."""
+    return c.fresh(c.out_shape, "constant")
+
+
+@register_rule(operator.getitem)
+def _getitem(c: Call) -> Any:
+    seq, i = c.node.args
+    v = c.env.get(seq)
+    return v[i] if isinstance(v, list) else None

@@ -1,0 +1,181 @@
+"""Channel spaces: union-find over feature axes, with spaces refinable into sums and products.
+
+Every feature axis of every value in the traced graph (and every dimension of every parameter)
+gets a space id. Ops that require two axes to be permuted identically *union* their spaces. A
+concatenation makes a space the ordered **sum** of its parts; a reshape into heads makes it the
+**product** ``heads ⊗ head_dim`` (row-major, outer first). A frozen space is never permuted;
+freezing a refined space freezes all its parts. Representatives are the smallest id, and ids are
+handed out in graph order, so the same model always yields the same groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUM, PROD = "sum", "prod"
+
+# Reasons with this prefix mark axes that are not channels at all (kernel taps, spatial, batch,
+# sequence positions). They are frozen like any other but not reported as lost channels.
+NON_CHANNEL = "non-channel: "
+
+
+@dataclass
+class Spaces:
+    """Mutable union-find, owned by one propagation run (never shared between calls)."""
+
+    parent: list[int] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    frozen: dict[int, str] = field(default_factory=dict)
+    struct: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    def new(self, size: int, frozen: str | None = None) -> int:
+        s = len(self.parent)
+        self.parent.append(s)
+        self.size.append(int(size))
+        if frozen is not None:
+            self.frozen[s] = frozen
+        return s
+
+    def compose(self, kind: str, children: tuple[int, ...]) -> int:
+        """A new space that *is* the sum/product of existing ``children``."""
+        sizes = [self.size[self.find(c)] for c in children]
+        total = sum(sizes) if kind == SUM else _prod(sizes)
+        s = self.new(total)
+        self.struct[s] = (kind, tuple(children))
+        return s
+
+    def find(self, s: int) -> int:
+        root = s
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[s] != root:  # path compression
+            self.parent[s], s = root, self.parent[s]
+        return root
+
+    def structure(self, s: int) -> tuple[str, tuple[int, ...]] | None:
+        return self.struct.get(self.find(s))
+
+    def freeze(self, s: int, reason: str) -> None:
+        """Freeze ``s`` (all parts of it, if refined); the first reason given is kept."""
+        r = self.find(s)
+        st = self.struct.get(r)
+        if st is None:
+            self.frozen.setdefault(r, reason)
+        else:
+            for c in st[1]:
+                self.freeze(c, reason)
+
+    def is_frozen(self, s: int) -> bool:
+        """True when no part of ``s`` may move."""
+        r = self.find(s)
+        st = self.struct.get(r)
+        return r in self.frozen if st is None else all(self.is_frozen(c) for c in st[1])
+
+    def refine(self, s: int, kind: str, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """Split ``s`` into parts of the given sizes; returns the parts (existing ones if equal)."""
+        r = self.find(s)
+        sizes = tuple(int(x) for x in sizes)
+        if len(sizes) == 1:
+            return (r,)
+        st = self.struct.get(r)
+        if st is not None:
+            if st[0] == kind and self._sizes(st[1]) == sizes:
+                return st[1]
+            common = _common_refinement(kind, self._sizes(st[1]), sizes) if st[0] == kind else None
+            if common is not None:
+                return self._regroup(kind, st[1], common, sizes)
+            # Splits that share no common refinement: keep it correct by freezing both.
+            reason = f"conflicting layouts ({st[0]} {self._sizes(st[1])} vs {kind} {sizes})"
+            self.freeze(r, reason)
+            return tuple(self.new(z, reason) for z in sizes)
+        children = tuple(self.new(z) for z in sizes)
+        self.struct[r] = (kind, children)
+        reason = self.frozen.pop(r, None)
+        if reason is not None:
+            for c in children:
+                self.freeze(c, reason)
+        return children
+
+    def union(self, a: int, b: int) -> int:
+        """Tie two equal-size spaces: any permutation of one must be applied to the other."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if self.size[ra] != self.size[rb]:
+            raise ValueError(f"cannot tie spaces of sizes {self.size[ra]} and {self.size[rb]}")
+        root, other = min(ra, rb), max(ra, rb)
+        self.parent[other] = root
+        sr, so = self.struct.pop(root, None), self.struct.pop(other, None)
+        fr, fo = self.frozen.pop(root, None), self.frozen.pop(other, None)
+        if sr is not None and so is not None:
+            self.struct[root] = sr
+            if sr[0] == so[0] and self._sizes(sr[1]) == self._sizes(so[1]):
+                for x, y in zip(sr[1], so[1]):
+                    self.union(x, y)
+            else:
+                reason = f"conflicting layouts ({sr[0]} {self._sizes(sr[1])} vs {so[0]} {self._sizes(so[1])})"
+                self.freeze(root, reason)
+                for c in so[1]:
+                    self.freeze(c, reason)
+        elif sr is not None or so is not None:
+            self.struct[root] = sr if sr is not None else so  # type: ignore[assignment]
+        reason = fr if fr is not None else fo
+        if reason is not None:
+            self.freeze(root, reason)
+        return root
+
+    def _sizes(self, children: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.size[self.find(c)] for c in children)
+
+    def _regroup(
+        self, kind: str, children: tuple[int, ...], pieces: list[int], sizes: tuple[int, ...]
+    ) -> tuple[int, ...]:
+        """Split each existing part into ``pieces``, then compose the requested parts from them.
+
+        E.g. ``(batch 2) ⊗ (d 32)`` viewed as ``(batch·heads 8) ⊗ (head_dim 8)`` becomes
+        ``2 ⊗ 4 ⊗ 8``: ``d = heads ⊗ head_dim`` and ``batch·heads = batch ⊗ heads``.
+        """
+        leaves: list[int] = []
+        k = 0
+        for c in children:
+            n, own = self.size[self.find(c)], []
+            while _combine(kind, own) != n:
+                own.append(pieces[k])
+                k += 1
+            leaves.extend(self.refine(c, kind, tuple(own)) if len(own) > 1 else (c,))
+        out, k = [], 0
+        for n in sizes:
+            take = []
+            while _combine(kind, [self.size[self.find(x)] for x in take]) != n:
+                take.append(leaves[k])
+                k += 1
+            out.append(take[0] if len(take) == 1 else self.compose(kind, tuple(take)))
+        return tuple(out)
+
+
+def _combine(kind: str, xs: list[int]) -> int:
+    return sum(xs) if kind == SUM else _prod(xs) if xs else 0
+
+
+def _common_refinement(kind: str, a: tuple[int, ...], b: tuple[int, ...]) -> list[int] | None:
+    """Piece sizes that refine both splits (cut points in sum- or product-space), or None."""
+    cuts = sorted(set(_cumulative(kind, a)) | set(_cumulative(kind, b)))
+    if kind == PROD and any(y % x for x, y in zip(cuts, cuts[1:])):
+        return None
+    base = 0 if kind == SUM else 1
+    return [(y - x) if kind == SUM else y // x for x, y in zip([base, *cuts], cuts)]
+
+
+def _cumulative(kind: str, xs: tuple[int, ...]) -> list[int]:
+    out, acc = [], 0 if kind == SUM else 1
+    for x in xs:
+        acc = acc + x if kind == SUM else acc * x
+        out.append(acc)
+    return out
+
+
+def _prod(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out

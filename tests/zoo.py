@@ -161,97 +161,103 @@ def _transformer(**kwargs: Any) -> Callable[[], nn.Module]:
     return lambda: models.TransformerBlockNet(**kwargs)
 
 
-# floor set once trace exists (every min_permutable_fraction=0.0 is a placeholder)
+# Floors on Spec.permutable_fraction (hidden channel axes a group moves, weighted by tensor size):
+# - MLP, CNNs, U-Net, DenseNet, MobileNet, GPT-2/BERT/ViT: every hidden unit, residual streams,
+#   MLP units, whole heads and head dims are permutable -> 1.0.
+# - torch.nn.MultiheadAttention packs q/k/v in one tensor and picks them out with `select`, so
+#   the (q, k, v) axis of in_proj is frozen by construction -> 0.85.
+# - LLaMA: RoPE multiplies q/k head dims by position-dependent cos/sin, so only whole (KV) heads
+#   move on q/k; v/o head dims, the residual stream and MLP units all move -> 0.85.
 ZOO: list[ZooModel] = [
     ZooModel(
         "mlp",
         _seeded(lambda: models.MLP(hidden=(32, 32, 32))),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "vgg",
         _seeded(lambda: models.VGG(widths=(8, 8, 16, 16))),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "vgg_nonorm",
         _seeded(lambda: models.VGG(widths=(8, 8, 16, 16), norm="none")),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "resnet20",
         _seeded(lambda: models.ResNet20(width=1)),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "resnet20_ln",
         _seeded(lambda: models.ResNet20(width=1, norm="ln")),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "densenet",
         _seeded(lambda: models.DenseBlockNet(stem=8, growth=4)),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "mobilenet",
         _seeded(lambda: models.MobileNetBlockNet(width=8)),
         _images(1, 28),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "unet",
         _seeded(lambda: models.UNet(base=8)),
         _images(1, 32),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "transformer_torch",
         _seeded(_transformer()),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=0.85,
         hf=False,
     ),
     ZooModel(
         "transformer_manual_ln",
         _seeded(_transformer(attention="manual", norm="ln")),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "transformer_manual_rms",
         _seeded(_transformer(attention="manual", norm="rms")),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=False,
     ),
     ZooModel(
         "transformer_tied",
         _seeded(_transformer(tie_embeddings=True)),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=0.85,
         hf=False,
     ),
     ZooModel(
         "hf_gpt2",
         _seeded(_gpt2),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=True,
         input_kwargs={"use_cache": False},
     ),
@@ -259,7 +265,7 @@ ZOO: list[ZooModel] = [
         "hf_llama",
         _seeded(_llama(tie=False)),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=0.85,
         hf=True,
         input_kwargs={"use_cache": False},
     ),
@@ -267,35 +273,35 @@ ZOO: list[ZooModel] = [
         "hf_llama_tied",
         _seeded(_llama(tie=True)),
         _tokens(),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=0.85,
         hf=True,
         input_kwargs={"use_cache": False},
     ),
     ZooModel(
-        "hf_bert", _seeded(_bert), _tokens(), min_permutable_fraction=0.0, hf=True
+        "hf_bert", _seeded(_bert), _tokens(), min_permutable_fraction=1.0, hf=True
     ),
     ZooModel(
-        "hf_vit", _seeded(_vit), _images(3, 16), min_permutable_fraction=0.0, hf=True
+        "hf_vit", _seeded(_vit), _images(3, 16), min_permutable_fraction=1.0, hf=True
     ),
     ZooModel(
         "hf_resnet_basic",
         _seeded(_hf_resnet("basic")),
         _images(3, 32),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=True,
     ),
     ZooModel(
         "hf_resnet_bottleneck",
         _seeded(_hf_resnet("bottleneck")),
         _images(3, 32),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=True,
     ),
     ZooModel(
         "hf_convnext",
         _seeded(_convnext),
         _images(3, 32),
-        min_permutable_fraction=0.0,
+        min_permutable_fraction=1.0,
         hf=True,
     ),
 ]

@@ -20,7 +20,7 @@ from permerge.graph.capture import as_args
 from permerge.permutation import random_permutation
 from permerge.spec import PermutationSpec
 
-__all__ = ["PreservationReport", "check_function_preserved", "output_error"]
+__all__ = ["PreservationReport", "check_function_preserved", "output_error", "validate_spec"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,21 @@ def check_function_preserved(
         )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def validate_spec(
+    spec: PermutationSpec,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> PreservationReport:
+    """Check a user-supplied (hand-written, JSON or ``axes_to_perm``) spec against ``model``.
+
+    Shapes first (:class:`SpecError` naming each mismatch), then function preservation under a
+    random permutation (:class:`FunctionNotPreservedError` naming the offending groups).
+    """
+    spec.validate(model.state_dict())
+    return check_function_preserved(model, spec, example_inputs, example_kwargs=example_kwargs, tol=tol, seed=seed)

@@ -66,11 +66,16 @@ class Group:
 
 @dataclass(frozen=True)
 class Frozen:
-    """A channel space left unpermuted, with the reason (model input/output, unknown op, …)."""
+    """A channel space left unpermuted, with the reason (model input/output, unknown op, …).
+
+    ``boundary`` spaces (model inputs, outputs, token-id rows) are fixed by the task itself and
+    are not hidden units; every other frozen space is a hidden symmetry left unused.
+    """
 
     size: int
     reason: str
     members: tuple[Axis, ...] = ()
+    boundary: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,18 @@ class PermutationSpec:
             for g in self.groups
         ]
 
+    def permutable_fraction(self, shapes: Mapping[str, torch.Tensor | tuple[int, ...]]) -> float:
+        """Share of hidden channel axes that some group permutes, each axis weighted by its
+        tensor's element count (boundary axes — model input/output, token rows — excluded)."""
+
+        def numel(key: str) -> int:
+            v = shapes[key]
+            return v.numel() if isinstance(v, torch.Tensor) else int(torch.Size(v).numel())
+
+        moved = sum(numel(a.key) for g in self.groups for a in g.members)
+        lost = sum(numel(a.key) for f in self.frozen if not f.boundary for a in f.members)
+        return moved / (moved + lost) if moved + lost else 0.0
+
     def without(self, names: Iterable[str]) -> PermutationSpec:
         """A copy with the named groups frozen (reason: user override)."""
         names = set(names)
@@ -195,7 +212,10 @@ class PermutationSpec:
         return {
             "format": "permerge.spec/1",
             "groups": [{"name": g.name, "size": g.size, "members": axes(g.members)} for g in self.groups],
-            "frozen": [{"size": f.size, "reason": f.reason, "members": axes(f.members)} for f in self.frozen],
+            "frozen": [
+                {"size": f.size, "reason": f.reason, "boundary": f.boundary, "members": axes(f.members)}
+                for f in self.frozen
+            ],
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -209,7 +229,12 @@ class PermutationSpec:
                 for g in data["groups"]  # type: ignore[union-attr]
             )
             frozen = tuple(
-                Frozen(int(f["size"]), str(f["reason"]), tuple(Axis(**a) for a in f.get("members", ())))
+                Frozen(
+                    int(f["size"]),
+                    str(f["reason"]),
+                    tuple(Axis(**a) for a in f.get("members", ())),
+                    bool(f.get("boundary", False)),
+                )
                 for f in data.get("frozen", ())  # type: ignore[union-attr]
             )
         except (KeyError, TypeError, ValueError) as e:

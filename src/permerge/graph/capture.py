@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
 from permerge.errors import TraceError
+from permerge.graph.spaces import MODEL_INPUT
 
 LOG = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def capture(
         elif spec.kind == InputKind.BUFFER:
             frozen[name] = f"non-persistent buffer {spec.target} (not in the state dict)"
         elif spec.kind == InputKind.USER_INPUT:
-            frozen[name] = f"model input {name!r}"
+            frozen[name] = f"{MODEL_INPUT} {name!r}"
         else:
             frozen[name] = f"constant {spec.target}"
     LOG.debug("exported %s: %d nodes", type(model).__name__, len(ep.graph.nodes))

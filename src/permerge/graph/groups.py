@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from permerge.graph.propagate import Propagation
-from permerge.graph.spaces import NON_CHANNEL, PROD, Spaces
+from permerge.graph.spaces import BOUNDARY, NON_CHANNEL, PROD, Spaces
 from permerge.spec import Axis, Frozen, Group, PermutationSpec
 
 __all__ = ["build_spec"]
@@ -99,7 +99,7 @@ def build_spec(prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_
             taken.add(name)
             groups.append(Group(name, size, axes))
         elif reason is not None and not reason.startswith(NON_CHANNEL) and size > 1:
-            frozen.append(Frozen(size, reason, axes))
+            frozen.append(Frozen(size, reason, axes, reason.startswith(BOUNDARY)))
     return PermutationSpec(tuple(groups), tuple(frozen))
 
 

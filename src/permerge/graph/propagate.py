@@ -18,7 +18,7 @@ from torch import fx
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
 from permerge.graph.rules import RULES, Call, Dims, Rule, rule_key
-from permerge.graph.spaces import Spaces
+from permerge.graph.spaces import MODEL_OUTPUT, Spaces
 
 LOG = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def propagate(
         if node.op == "output":
             for d in _tensor_dims([env.get(a) for a in _arg_nodes(node)]):
                 for s in d:
-                    spaces.freeze(s, "model output")
+                    spaces.freeze(s, MODEL_OUTPUT)
             continue
         if node.op != "call_function":
             env[node] = None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from permerge.graph.spaces import NON_CHANNEL, PROD, SUM, Spaces
+from permerge.graph.spaces import NON_CHANNEL, PROD, SUM, TOKEN_ROWS, Spaces
 
 __all__ = ["RULES", "Call", "Dims", "register_rule"]
 
@@ -382,7 +382,7 @@ def _group_norm(c: Call) -> Dims | list[Dims]:
 def _embedding(c: Call) -> Dims:
     w, idx = c.arg(0), c.arg(1)
     wd = c.dims(w)
-    c.freeze(wd[0], "embedding rows are indexed by token ids")
+    c.freeze(wd[0], f"{TOKEN_ROWS} are indexed by token ids")
     return c.dims(idx) + (wd[1],)
 
 

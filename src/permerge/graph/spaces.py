@@ -17,6 +17,9 @@ SUM, PROD = "sum", "prod"
 # Reasons with this prefix mark axes that are not channels at all (kernel taps, spatial, batch,
 # sequence positions). They are frozen like any other but not reported as lost channels.
 NON_CHANNEL = "non-channel: "
+# Reasons that mark the task's own boundary (not hidden units): see Frozen.boundary.
+MODEL_INPUT, MODEL_OUTPUT, TOKEN_ROWS = "model input", "model output", "embedding rows"
+BOUNDARY = (MODEL_INPUT, MODEL_OUTPUT, TOKEN_ROWS)
 
 
 @dataclass

@@ -1,0 +1,192 @@
+"""trace(): the groups found on real architectures, determinism, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import traced
+from torch import nn
+
+import permerge as pm
+from permerge.errors import TraceError
+
+
+def _group_of(spec, key, dim=0, within_heads=None):
+    """The one group moving ``key``'s axis ``dim`` (``within_heads`` picks head_dim vs heads)."""
+    hits = [
+        g
+        for g in spec.groups
+        for a in g.members
+        if a.key == key and a.dim == dim and (within_heads is None or (a.repeat > 1) == within_heads)
+    ]
+    assert len(hits) == 1, f"{key}:{dim} in {len(hits)} groups"
+    return hits[0]
+
+
+def test_resnet20_every_residual_stream_is_one_group():
+    model, _, _, spec = traced("resnet20")
+    keys = {g.name: {a.key for a in g.members} for g in spec.groups}
+    assert len(spec.groups) == 12  # 3 residual streams + 9 block-internal groups
+    streams = [
+        _group_of(spec, "stem.0.weight"),
+        _group_of(spec, "blocks.3.shortcut.0.weight"),
+        _group_of(spec, "blocks.6.shortcut.0.weight"),
+    ]
+    for stream, blocks in zip(streams, ((0, 1, 2), (3, 4, 5), (6, 7, 8))):
+        for b in blocks:  # every block's output conv and BN (weights and running stats) joins it
+            for k in ("conv2.weight", "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var"):
+                assert f"blocks.{b}.{k}" in keys[stream.name]
+    assert "head.weight" in keys[streams[2].name]  # the last stage's stream reaches the head
+    assert spec.permutable_fraction(model.state_dict()) == 1.0
+
+
+def test_batchnorm_running_stats_are_permuted():
+    model, x, _, spec = traced("vgg")
+    sd = model.state_dict()
+    bn_stats = [k for k in sd if k.endswith(("running_mean", "running_var"))]
+    assert bn_stats and all(spec.axes_of(k) for k in bn_stats)
+    perm = pm.random_permutation(spec, 1)
+    out = pm.apply_permutation(spec, perm, sd)
+    for k in bn_stats:
+        (name, ax), = spec.axes_of(k)
+        assert torch.equal(out[k], sd[k][perm[name]])
+
+
+def test_llama_groups_residual_gqa_heads_rope():
+    model, _, _, spec = traced("hf_llama")
+    cfg = model.config
+    stream = _group_of(spec, "model.embed_tokens.weight", 1)
+    members = {a.key for a in stream.members}
+    assert {"lm_head.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"} <= members
+    heads = _group_of(spec, "model.layers.0.self_attn.k_proj.weight", 0, within_heads=False)
+    assert heads.size == cfg.num_key_value_heads  # whole KV heads move, their query heads along
+    q = next(a for a in heads.members if a.key.endswith("q_proj.weight"))
+    assert q.block == cfg.hidden_size // cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    vo = _group_of(spec, "model.layers.0.self_attn.v_proj.weight", 0, within_heads=True)
+    assert vo.size == head_dim and any(a.key.endswith("o_proj.weight") for a in vo.members)
+    rope = [f for f in spec.frozen if any(a.key.endswith("q_proj.weight") for a in f.members)]
+    # q/k head dims are rotated by RoPE: the two rotate_half halves are tied and frozen
+    assert rope and all(f.size == head_dim // 2 and not f.boundary for f in rope)
+    mlp = _group_of(spec, "model.layers.0.mlp.gate_proj.weight", 0)
+    assert {a.key for a in mlp.members} >= {"model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+
+
+def test_gpt2_tied_embeddings_and_packed_qkv():
+    model, _, _, spec = traced("hf_gpt2")
+    stream = _group_of(spec, "transformer.wte.weight", 1)
+    assert {"lm_head.weight", "transformer.wpe.weight"} <= {a.key for a in stream.members}
+    heads = _group_of(spec, "transformer.h.0.attn.c_proj.weight", 0, within_heads=False)
+    c_attn = sorted(a.offset for a in heads.members if a.key == "transformer.h.0.attn.c_attn.weight")
+    d = model.config.n_embd
+    assert heads.size == model.config.n_head and c_attn == [0, d, 2 * d]  # q, k, v heads together
+
+
+def test_grouped_and_depthwise_conv():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 8, 1)
+            self.dw = nn.Conv2d(8, 16, 3, padding=1, groups=8)  # depthwise, multiplier 2
+            self.g = nn.Conv2d(16, 8, 1, groups=4)
+            self.out = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.out(self.g(self.dw(self.a(x)).relu()).relu())
+
+    model = Net().eval()
+    x = torch.randn(2, 2, 5, 5)
+    spec = pm.trace(model, x)
+    from permerge.check import check_function_preserved
+
+    assert check_function_preserved(model, spec, x).relative_error < 1e-5
+    # a's 8 channels pass through the depthwise conv (8 groups × multiplier 2) into a conv with
+    # 4 groups of 4: the common refinement 4 ⊗ 2 ⊗ 2 permutes whole g-groups and pairs within them
+    a = sorted((g for g in spec.groups if any(m.key == "a.weight" for m in g.members)), key=lambda g: g.size)
+    assert [g.size for g in a] == [2, 4]
+    assert any(m.key == "dw.weight" and m.block == 4 for m in a[1].members)
+    assert spec.permutable_fraction(model.state_dict()) == 1.0
+
+
+def test_group_norm_permutes_whole_groups_and_within_groups():
+    _, _, _, spec = traced("unet")
+    gn = [g for g in spec.groups if any(a.key == "dec2.1.weight" for a in g.members)]
+    assert sorted((g.size, g.members[0].block, g.members[0].repeat) for g in gn) == [(4, 1, 4), (4, 4, 1)]
+
+
+def test_concat_gives_offsets():
+    _, _, _, spec = traced("densenet")
+    offsets = {a.offset for g in spec.groups for a in g.members if a.dim == 1}
+    assert len(offsets) > 2  # later layers read slices of a concatenation
+
+
+def test_trace_is_deterministic():
+    _, x, _, spec = traced("hf_bert")
+    model, _, _, _ = traced("hf_bert")
+    assert pm.trace(model, x) == spec
+
+
+class _Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=-1))  # order-dependent along the channels
+
+
+def test_unknown_op_freezes_and_is_reported():
+    model = _Cumsum().eval()
+    spec = pm.trace(model, torch.randn(4, 3))
+    assert not spec.groups
+    lost = [f for f in spec.frozen if not f.boundary]  # cumsum's input space and its output space
+    assert lost and all("cumsum" in f.reason for f in lost)
+    assert {a.key for f in lost for a in f.members} == {"a.weight", "a.bias", "b.weight"}
+    with pytest.raises(TraceError, match=r"cumsum.*register_rule"):
+        pm.trace(model, torch.randn(4, 3), strict=True)
+
+
+def test_user_rule_overrides_registry():
+    from permerge.graph.rules import Call
+
+    def cumsum_is_fine(c: Call):  # wrong on purpose: shows a user rule takes precedence
+        return c.dims(c.arg(0))
+
+    spec = pm.trace(_Cumsum().eval(), torch.randn(4, 3), rules={torch.ops.aten.cumsum: cumsum_is_fine})
+    assert [g.size for g in spec.groups] == [6]
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def test_untraceable_model_clear_error_and_nothing_changed():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            if self.fc(x).sum() > 0:  # data-dependent control flow: export cannot follow it
+                return x
+            return -x
+
+    model = Branchy().train()
+    before, flags = _snapshot(model)
+    with pytest.raises(TraceError, match=r"could not trace Branchy.*hand-written spec"):
+        pm.trace(model, torch.randn(2, 3))
+    after, flags_after = _snapshot(model)
+    assert flags == flags_after and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_wrong_input_shape_clear_error():
+    model, _, _, _ = traced("mlp")
+    before, _ = _snapshot(model)
+    with pytest.raises(TraceError, match=r"forward failed on the example input \(shapes \[\(2, 5\)\]\)"):
+        pm.trace(model, torch.randn(2, 5))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_not_a_module():
+    with pytest.raises(TraceError, match="expected an nn.Module"):
+        pm.trace(lambda x: x, torch.randn(2))

@@ -1,0 +1,196 @@
+"""Guarantee 2: weight matching recovers a planted permutation exactly; plus its contract."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import traced
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zoo import ZOO
+
+import permerge as pm
+from permerge.errors import SpecError, StateDictMismatchError
+from permerge.match import MATCHERS, UnknownMatcherError, get_matcher, register_matcher, weight_matching
+from permerge.match.lap import LapError
+from permerge.match.weight import _unit_rows
+from permerge.spec import Axis, Group, PermutationSpec
+
+NAMES = [z.name for z in ZOO]
+
+
+def _distinguishable(spec: PermutationSpec, sd: dict[str, torch.Tensor], name: str) -> bool:
+    """Whether no two units of group ``name`` hold identical weights in every member tensor."""
+    g = spec[name]
+    rows = torch.cat([_unit_rows(sd[ax.key].float(), ax, g.size) for ax in g.members], dim=1)
+    return len(torch.unique(rows, dim=0)) == g.size
+
+
+@pytest.mark.parametrize("name", NAMES)
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_recovers_planted_permutation_exactly(name, seed):
+    model, _, _, spec = traced(name)
+    sd_a = model.state_dict()
+    planted = pm.random_permutation(spec, seed)
+    sd_b = pm.apply_permutation(spec, planted, sd_a)
+    res = weight_matching(spec, sd_a, sd_b, seed=seed, quiet=True)
+    assert res.converged
+    aligned = pm.apply_permutation(spec, res.permutation, sd_b)
+    assert [k for k in sd_a if not torch.equal(aligned[k], sd_a[k])] == []
+    expected = pm.inverse(planted)
+    for g in spec.groups:
+        if g.size > 1 and _distinguishable(spec, sd_a, g.name):
+            assert torch.equal(res.permutation[g.name], expected[g.name]), g.name
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20", "hf_llama"])
+def test_matching_a_model_to_itself_is_identity(name):
+    model, _, _, spec = traced(name)
+    sd = model.state_dict()
+    res = weight_matching(spec, sd, sd, quiet=True)
+    assert pm.permutation.is_identity(res.permutation)
+    assert res.sweeps == 1 and res.converged
+    assert res.total_after == res.total_before
+
+
+def _two_models(name: str = "resnet20"):
+    """The spec, a zoo model's weights and an unrelated perturbed copy (noise of the same scale)."""
+    model, _, _, spec = traced(name)
+    sd_a = model.state_dict()
+    gen = torch.Generator().manual_seed(7)
+    sd_b = {k: (v + torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v for k, v in sd_a.items()}
+    return spec, sd_a, sd_b
+
+
+def test_objective_never_decreases_and_is_deterministic():
+    spec, sd_a, sd_b = _two_models()
+    res = weight_matching(spec, sd_a, sd_b, seed=3, quiet=True)
+    again = weight_matching(spec, sd_a, sd_b, seed=3, quiet=True)
+    assert res.total_after >= res.total_before
+    assert res.total_after > res.total_before  # unrelated weights: there is something to gain
+    assert all(torch.equal(res.permutation[g], again.permutation[g]) for g in res.permutation)
+    assert res.objective_after == again.objective_after
+    assert set(res.objective_before) == set(res.objective_after) == set(spec.names)
+    # the reported objective is the one the permutation achieves
+    aligned = pm.apply_permutation(spec, res.permutation, sd_b)
+    direct = sum(torch.dot(sd_a[k].flatten().float(), aligned[k].flatten().float()).item() for k in spec.keys)
+    assert direct == pytest.approx(res.total_after, rel=1e-5)
+
+
+def test_init_is_respected_and_inputs_untouched():
+    spec, sd_a, sd_b = _two_models()
+    before = {k: v.clone() for k, v in sd_b.items()}
+    first = weight_matching(spec, sd_a, sd_b, quiet=True)
+    res = weight_matching(spec, sd_a, sd_b, init=first.permutation, quiet=True)
+    assert res.sweeps == 1  # started at a fixed point
+    assert all(torch.equal(res.permutation[g], first.permutation[g]) for g in spec.names)
+    assert all(torch.equal(before[k], sd_b[k]) for k in sd_b)
+
+
+def test_max_sweeps_and_logging(caplog):
+    spec, sd_a, sd_b = _two_models()
+    with caplog.at_level(logging.INFO, logger="permerge.match.weight"):
+        res = weight_matching(spec, sd_a, sd_b, max_sweeps=1, quiet=True)
+    assert res.sweeps == 1 and not res.converged
+    assert "sweep 1:" in caplog.text
+
+
+def test_half_precision_weights_are_matched_in_float32():
+    model, _, _, spec = traced("mlp")
+    sd_a = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    planted = pm.random_permutation(spec, 5)
+    sd_b = pm.apply_permutation(spec, planted, sd_a)
+    res = weight_matching(spec, sd_a, sd_b, quiet=True)
+    aligned = pm.apply_permutation(spec, res.permutation, sd_b)
+    assert all(torch.equal(aligned[k], sd_a[k]) for k in sd_a)
+
+
+def test_heads_and_head_dim_sharing_one_dim():
+    # 2 heads × 3 dims on q's rows / o's columns: both groups act on the same dims and commute
+    heads = Group("heads", 2, (Axis("q", 0, block=3), Axis("o", 1, block=3)))
+    within = Group("hd", 3, (Axis("q", 0, repeat=2, stride=3), Axis("o", 1, repeat=2, stride=3)))
+    spec = PermutationSpec((heads, within))
+    gen = torch.Generator().manual_seed(0)
+    sd_a = {"q": torch.randn(6, 4, generator=gen), "o": torch.randn(4, 6, generator=gen)}
+    planted = {"heads": torch.tensor([1, 0]), "hd": torch.tensor([2, 0, 1])}
+    sd_b = pm.apply_permutation(spec, planted, sd_a)
+    res = weight_matching(spec, sd_a, sd_b, quiet=True)
+    assert all(torch.equal(res.permutation[g], pm.inverse(planted)[g]) for g in planted)
+
+
+def test_backends_give_the_same_answer():
+    spec, sd_a, sd_b = _two_models()
+    results = [weight_matching(spec, sd_a, sd_b, backend=b, quiet=True) for b in pm.match.available_backends()]
+    assert all(r.backend == b for r, b in zip(results, pm.match.available_backends()))
+    for r in results[1:]:
+        assert all(torch.equal(r.permutation[g], results[0].permutation[g]) for g in spec.names)
+
+
+# -- error paths -------------------------------------------------------------------------------
+
+
+def test_different_keys_are_named_sorted():
+    spec, sd_a, sd_b = _two_models()
+    sd_b = dict(sd_b)
+    sd_b["zz.extra"] = torch.zeros(1)
+    sd_b["aa.extra"] = torch.zeros(1)
+    with pytest.raises(StateDictMismatchError, match=r"only in B \['aa.extra', 'zz.extra'\]"):
+        weight_matching(spec, sd_a, sd_b, quiet=True)
+
+
+def test_different_shapes_are_named():
+    spec, sd_a, sd_b = _two_models()
+    key = spec.keys[0]
+    sd_b = {**sd_b, key: torch.zeros(*sd_b[key].shape[:-1], sd_b[key].shape[-1] + 1)}
+    with pytest.raises(StateDictMismatchError, match=f"different shapes: \\['{key}"):
+        weight_matching(spec, sd_a, sd_b, quiet=True)
+
+
+def test_non_finite_weights_are_named():
+    spec, sd_a, sd_b = _two_models()
+    key = spec.keys[-1]
+    bad = sd_b[key].clone()
+    bad.view(-1)[0] = float("nan")
+    with pytest.raises(StateDictMismatchError, match=rf"non-finite .*B\['{key}'\]"):
+        weight_matching(spec, sd_a, {**sd_b, key: bad}, quiet=True)
+
+
+def test_spec_that_does_not_fit_raises_spec_error():
+    spec = PermutationSpec((Group("h", 5, (Axis("w", 0),)),))
+    sd = {"w": torch.randn(4, 2)}
+    with pytest.raises(SpecError, match="'w' dim 0 has length 4"):
+        weight_matching(spec, sd, sd, quiet=True)
+
+
+def test_unknown_backend_lists_the_available_ones():
+    spec, sd_a, sd_b = _two_models()
+    with pytest.raises(LapError, match="unknown LAP backend 'hungarian'; choose one of auto, .*scipy"):
+        weight_matching(spec, sd_a, sd_b, backend="hungarian", quiet=True)
+
+
+def test_bad_init_is_rejected():
+    spec, sd_a, sd_b = _two_models()
+    name = spec.names[0]
+    with pytest.raises(SpecError, match="not a permutation"):
+        weight_matching(spec, sd_a, sd_b, init={name: torch.zeros(spec[name].size, dtype=torch.long)})
+
+
+# -- registry ----------------------------------------------------------------------------------
+
+
+def test_registry():
+    assert get_matcher("weight") is weight_matching
+    with pytest.raises(UnknownMatcherError, match="no matcher named 'nope'; registered: .*weight"):
+        get_matcher("nope")
+
+    @register_matcher("_test_identity")
+    def _identity(spec, sd_a, sd_b, **_):
+        return pm.identity(spec)
+
+    try:
+        assert get_matcher("_test_identity") is _identity
+    finally:
+        del MATCHERS["_test_identity"]

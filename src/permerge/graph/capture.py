@@ -47,6 +47,35 @@ def _aliases(model: nn.Module) -> dict[str, tuple[str, ...]]:
     return {k: tuple(ks) for ks in by_id.values() for k in ks}
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost traceback frame outside torch: usually the user's module that failed."""
+    tb, where = e.__traceback__, ""
+    while tb is not None:
+        f = tb.tb_frame.f_code
+        if "/torch/" not in f.co_filename and "/permerge/" not in f.co_filename:
+            where = f" (in {f.co_name} at {f.co_filename}:{tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
+
+
+def _raise_for_input(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Run the eager forward; if it fails too, the example input is at fault: say so."""
+    with torch.no_grad():
+        try:
+            model(*args, **kwargs)
+        except Exception as e:
+            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+            raise TraceError(
+                f"the model's forward failed on the example input (shapes {shapes}): "
+                f"{type(e).__name__}: {_first_line(e)}. Pass an input the model accepts."
+            ) from e
+
+
 def _with_training_flags_restored(model: nn.Module, fn: Any) -> Any:
     flags = [(m, m.training) for m in model.modules()]
     try:
@@ -66,23 +95,15 @@ def capture(
     args, kwargs = as_args(example_inputs), dict(example_kwargs or {})
 
     def run() -> Any:
-        with torch.no_grad():
-            try:
-                model(*args, **kwargs)
-            except Exception as e:  # the user's own forward: name the input shapes
-                shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
-                raise TraceError(
-                    f"the model's forward failed on the example input (shapes {shapes}): "
-                    f"{type(e).__name__}: {e}. Pass an input the model accepts."
-                ) from e
         try:
             return torch.export.export(model, args, kwargs, strict=False)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _raise_for_input(model, args, kwargs)  # a bad example input gets its own message
             raise TraceError(
-                f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: {first}. "
-                "Work around it by passing a hand-written spec instead of tracing "
-                "(permerge.PermutationSpec.from_axes_to_perm(...) or a JSON spec via --spec)."
+                f"torch.export could not trace {type(model).__name__}: {type(e).__name__}: "
+                f"{_first_line(e)}{_user_frame(e)}. Work around it by passing a hand-written spec "
+                "instead of tracing (permerge.PermutationSpec.from_axes_to_perm(...), or a JSON "
+                "spec via --spec), or register a rule for the op."
             ) from e
 
     ep = _with_training_flags_restored(model, run)

@@ -1,0 +1,7 @@
+"""``python -m permerge`` is the ``permerge`` command."""
+
+import sys
+
+from permerge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,50 @@
+"""The ``permerge`` command: one root parser, one module per subcommand, no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from permerge.cli import inspect as inspect_cmd
+from permerge.errors import PermergeError
+
+LOG = logging.getLogger("permerge")
+
+# name → module with add_arguments(parser) and run(args) -> int
+COMMANDS = {"inspect": inspect_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="permerge",
+        description="Align and merge neural networks modulo permutation symmetries.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, mod in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=mod.HELP,
+            description=mod.__doc__,
+            epilog=mod.EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``permerge`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    level = logging.ERROR if args.quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("permerge").setLevel(level)
+    try:
+        return int(args.run(args) or 0)
+    except PermergeError as e:
+        sys.stderr.write(f"permerge {args.command}: error: {e}\n")
+        return 2

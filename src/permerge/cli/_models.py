@@ -1,0 +1,108 @@
+"""Resolve a model reference from the command line: built-in example, factory, or HF config dir."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from permerge import models
+from permerge.errors import PermergeError
+
+__all__ = ["ModelRef", "add_model_arguments", "load_model"]
+
+
+@dataclass
+class ModelRef:
+    """A model built from a reference, with an example input for tracing."""
+
+    model: nn.Module
+    inputs: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
+    if positional:
+        p.add_argument(
+            "model",
+            help=f"built-in example ({', '.join(models.EXAMPLES)}), 'package.module:factory', "
+            "or a Hugging Face model directory with config.json",
+        )
+    p.add_argument("--model-kwargs", default="{}", help="JSON keyword arguments for the factory")
+    p.add_argument("--input-shape", help="example input shape, e.g. 1,3,32,32 (factories without example_inputs)")
+    p.add_argument("--input-dtype", choices=("float", "long"), default="float", help="example input dtype")
+    p.add_argument("--vocab", type=int, default=2, help="token ids are drawn below this (--input-dtype long)")
+
+
+def load_model(ref: str, args: argparse.Namespace, *, meta: bool = False) -> ModelRef:
+    """Build the model ``ref`` names. ``meta=True`` builds HF models without allocating weights."""
+    try:
+        kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise PermergeError(f"--model-kwargs is not valid JSON: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise PermergeError("--model-kwargs must be a JSON object")
+    if ref in models.EXAMPLES:
+        return ModelRef(models.EXAMPLES[ref](**kwargs).eval(), models.example_input(ref), {}, f"example {ref}")
+    if Path(ref, "config.json").is_file():
+        return _hf_model(Path(ref), meta)
+    if ":" not in ref:
+        raise PermergeError(
+            f"cannot resolve model {ref!r}: not a built-in example ({', '.join(models.EXAMPLES)}), "
+            "not 'package.module:factory', and not a directory with config.json"
+        )
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as e:
+        raise PermergeError(f"cannot import {ref!r}: {e}") from e
+    model = factory(**kwargs).eval()
+    return ModelRef(model, _inputs(module, args), {}, ref)
+
+
+def _inputs(module: Any, args: argparse.Namespace) -> tuple[Any, ...]:
+    if args.input_shape:
+        try:
+            shape = tuple(int(x) for x in args.input_shape.split(","))
+        except ValueError as e:
+            raise PermergeError(f"--input-shape must be comma-separated integers, got {args.input_shape!r}") from e
+        gen = torch.Generator().manual_seed(0)
+        if args.input_dtype == "long":
+            return (torch.randint(0, args.vocab, shape, generator=gen),)
+        return (torch.randn(shape, generator=gen),)
+    if hasattr(module, "example_inputs"):
+        x = module.example_inputs()
+        return x if isinstance(x, tuple) else (x,)
+    raise PermergeError(
+        f"no example input for {module.__name__}: pass --input-shape (and --input-dtype long for token ids) "
+        "or define example_inputs() in the module"
+    )
+
+
+def _hf_model(path: Path, meta: bool) -> ModelRef:
+    try:
+        import transformers
+    except ImportError as e:
+        raise PermergeError("Hugging Face directories need transformers: pip install 'permerge[hf]'") from e
+    config = transformers.AutoConfig.from_pretrained(path)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch) if arch and hasattr(transformers, arch) else transformers.AutoModel
+    device = torch.device("meta") if meta else torch.device("cpu")
+    with device:
+        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
+    model.eval()
+    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        inputs: tuple[Any, ...] = (torch.zeros(1, config.num_channels, size, size, device=device),)
+    else:
+        inputs = (torch.zeros(1, 16, dtype=torch.long, device=device),)
+    kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
+    return ModelRef(model, inputs, kwargs, f"{arch or type(model).__name__} from {path}")

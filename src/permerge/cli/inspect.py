@@ -1,0 +1,58 @@
+"""Show the permutation groups permerge finds in a model, what it froze and why.
+
+Traces the model on an example input (no weights are needed for Hugging Face directories: the
+model is built on the meta device) and prints every group, every frozen space with its reason,
+and the fraction of hidden channel axes that can be permuted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from permerge.cli._models import add_model_arguments, load_model
+from permerge.graph import trace
+from permerge.io.write import atomic_path
+
+HELP = "list the permutation groups of a model"
+EPILOG = """examples:
+  permerge inspect resnet20
+  permerge inspect mypkg.nets:make_vgg --model-kwargs '{"width": 2}' --input-shape 1,3,32,32
+  permerge inspect ./llama-config-dir --json > spec.json
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the spec and summary as JSON")
+    p.add_argument("--save-spec", metavar="FILE", help="write the spec (editable JSON) to FILE")
+    p.add_argument("--strict", action="store_true", help="fail on ops without a rule instead of freezing")
+
+
+def run(args: argparse.Namespace) -> int:
+    ref = load_model(args.model, args, meta=True)
+    spec = trace(ref.model, ref.inputs, example_kwargs=ref.kwargs, strict=args.strict)
+    shapes = {k: tuple(v.shape) for k, v in ref.model.state_dict().items()}
+    fraction = spec.permutable_fraction(shapes)
+    if args.save_spec:
+        with atomic_path(args.save_spec) as tmp:
+            tmp.write_text(spec.to_json())
+    if args.json:
+        json.dump({"model": ref.description, "permutable_fraction": fraction, **spec.to_dict()}, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    out = [f"{ref.description}: {len(spec.groups)} groups, permutable fraction {fraction:.3f}", ""]
+    rows = spec.summary()
+    width = max([len(r["name"]) for r in rows] + [5])  # type: ignore[arg-type]
+    out.append(f"{'group':<{width}}  {'size':>6}  {'tensors':>7}")
+    out += [f"{r['name']:<{width}}  {r['size']:>6}  {r['tensors']:>7}" for r in rows]
+    if spec.frozen:
+        out += ["", "frozen (not permuted):"]
+        reasons = Counter((f.reason, f.boundary) for f in spec.frozen)
+        for (reason, boundary), n in sorted(reasons.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            tag = "boundary" if boundary else "hidden"
+            out.append(f"  [{tag}] {reason}" + (f"  (×{n})" if n > 1 else ""))
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0

@@ -8,15 +8,51 @@ from typing import Any
 
 from torch import nn
 
+from dataclasses import dataclass
+
+import torch
+
 from permerge.graph.capture import capture
 from permerge.graph.groups import build_spec
 from permerge.graph.propagate import propagate
 from permerge.graph.rules import RULES, Call, Rule, register_rule
+from permerge.graph.sites import Site, activation_sites
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["RULES", "Call", "register_rule", "trace"]
+__all__ = ["RULES", "Call", "Traced", "register_rule", "trace", "trace_graph"]
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A spec plus the exported graph and, per group, where its units appear as activations."""
+
+    spec: PermutationSpec
+    sites: dict[str, tuple[Site, ...]]  # group → where its units appear as activations
+    program: torch.export.ExportedProgram
+
+
+def trace_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    rules: Mapping[object, Rule] | None = None,
+    strict: bool = False,
+) -> Traced:
+    """Like :func:`trace`, also returning the exported program and each group's activation sites."""
+    cap = capture(model, example_inputs, example_kwargs)
+    prop = propagate(cap, rules, strict)
+    spec, roots = build_spec(prop, cap.aliases, cap.state_keys)
+    if prop.unknown:
+        LOG.warning(
+            "froze channels at ops without a rule: %s",
+            ", ".join(f"{op} ×{n}" for op, n in sorted(prop.unknown.items())),
+        )
+    LOG.info("traced %s: %d groups, %d frozen spaces", type(model).__name__, len(spec.groups), len(spec.frozen))
+    targets = {n.name: n.target for n in cap.graph.nodes}
+    return Traced(spec, activation_sites(prop, roots, targets), cap.program)
 
 
 def trace(
@@ -43,13 +79,5 @@ def trace(
         >>> [(g.name, g.size) for g in spec.groups]
         [('0.weight:0', 8)]
     """
-    cap = capture(model, example_inputs, example_kwargs)
-    prop = propagate(cap, rules, strict)
-    spec = build_spec(prop, cap.aliases, cap.state_keys)
-    if prop.unknown:
-        LOG.warning(
-            "froze channels at ops without a rule: %s",
-            ", ".join(f"{op} ×{n}" for op, n in sorted(prop.unknown.items())),
-        )
-    LOG.info("traced %s: %d groups, %d frozen spaces", type(model).__name__, len(spec.groups), len(spec.frozen))
+    spec = trace_graph(model, example_inputs, example_kwargs=example_kwargs, rules=rules, strict=strict).spec
     return spec.without(freeze) if freeze else spec

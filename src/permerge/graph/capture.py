@@ -34,6 +34,7 @@ class Captured:
     frozen_inputs: Mapping[str, str]  # placeholder name → why it cannot move (constants, inputs)
     aliases: Mapping[str, tuple[str, ...]]  # state-dict key → every key sharing its tensor
     state_keys: tuple[str, ...]  # state-dict order, for deterministic naming
+    program: torch.export.ExportedProgram  # kept to record activations (graph/record.py)
 
 
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
@@ -122,4 +123,4 @@ def capture(
         else:
             frozen[name] = f"constant {spec.target}"
     LOG.debug("exported %s: %d nodes", type(model).__name__, len(ep.graph.nodes))
-    return Captured(ep.graph, params, frozen, _aliases(model), tuple(model.state_dict().keys()))
+    return Captured(ep.graph, params, frozen, _aliases(model), tuple(model.state_dict().keys()), ep)

@@ -15,10 +15,10 @@ from permerge.graph.propagate import Propagation
 from permerge.graph.spaces import BOUNDARY, NON_CHANNEL, PROD, Spaces
 from permerge.spec import Axis, Frozen, Group, PermutationSpec
 
-__all__ = ["build_spec"]
+__all__ = ["build_spec", "fit", "parts"]
 
 
-def _parts(sp: Spaces, s: int, pos: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def parts(sp: Spaces, s: int, pos: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(atomic root, positions (R, n, B))`` for every atomic part of space ``s``."""
     r = sp.find(s)
     st = sp.struct.get(r)
@@ -31,11 +31,11 @@ def _parts(sp: Spaces, s: int, pos: torch.Tensor) -> Iterator[tuple[int, torch.T
     if kind == PROD:
         for p, child in enumerate(children):
             before, after = _prod(sizes[:p]), _prod(sizes[p + 1 :])
-            yield from _parts(sp, child, pos.reshape(rep * before, sizes[p], after * blk))
+            yield from parts(sp, child, pos.reshape(rep * before, sizes[p], after * blk))
     else:
         start = 0
         for child, n in zip(children, sizes):
-            yield from _parts(sp, child, pos[:, start : start + n, :])
+            yield from parts(sp, child, pos[:, start : start + n, :])
             start += n
 
 
@@ -49,7 +49,7 @@ def _leaves(sp: Spaces, s: int) -> Iterator[int]:
             yield from _leaves(sp, c)
 
 
-def _fit(key: str, dim: int, pos: torch.Tensor) -> Axis | None:
+def fit(key: str, dim: int, pos: torch.Tensor) -> Axis | None:
     rep, _, blk = pos.shape
     offset = int(pos[0, 0, 0])
     stride = int(pos[1, 0, 0]) - offset if rep > 1 else 0
@@ -61,8 +61,13 @@ def _name(ax: Axis, part: int, nparts: int) -> str:
     return f"{ax.key}:{ax.dim}" + (f"#{part}" if nparts > 1 else "")
 
 
-def build_spec(prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_keys: tuple[str, ...]) -> PermutationSpec:
-    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches."""
+def build_spec(
+    prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_keys: tuple[str, ...]
+) -> tuple[PermutationSpec, dict[str, int]]:
+    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches.
+
+    Returns the spec and each group's space (root id), used to find its activation sites.
+    """
     sp = prop.spaces
     order = {k: i for i, k in enumerate(state_keys)}
     canon = sorted(prop.param_dims, key=lambda k: order.get(k, len(order)))
@@ -72,18 +77,19 @@ def build_spec(prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_
         for key in canon:
             for dim, s in enumerate(prop.param_dims[key]):
                 n = sp.size[sp.find(s)]
-                parts = list(_parts(sp, s, torch.arange(n).view(1, n, 1)))
-                for i, (root, pos) in enumerate(parts):
+                pieces = list(parts(sp, s, torch.arange(n).view(1, n, 1)))
+                for i, (root, pos) in enumerate(pieces):
                     for alias in aliases.get(key, (key,)):
-                        ax = _fit(alias, dim, pos)
+                        ax = fit(alias, dim, pos)
                         if ax is None:
                             misfit = root
                             break
-                        members.setdefault(root, []).append((ax, i, len(parts)))
+                        members.setdefault(root, []).append((ax, i, len(pieces)))
         if misfit is None:
             break
         sp.freeze(misfit, "layout too irregular for an Axis (nested repeats)")
     groups: list[Group] = []
+    roots: dict[str, int] = {}
     frozen: list[Frozen] = []
     live = {leaf for s in prop.live for leaf in _leaves(sp, s)}
     taken: set[str] = set()
@@ -98,9 +104,10 @@ def build_spec(prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_
                 name += "'"
             taken.add(name)
             groups.append(Group(name, size, axes))
+            roots[name] = root
         elif reason is not None and not reason.startswith(NON_CHANNEL) and size > 1:
             frozen.append(Frozen(size, reason, axes, reason.startswith(BOUNDARY)))
-    return PermutationSpec(tuple(groups), tuple(frozen))
+    return PermutationSpec(tuple(groups), tuple(frozen)), roots
 
 
 def _prod(xs: list[int]) -> int:

@@ -30,6 +30,7 @@ class Propagation:
     spaces: Spaces
     param_dims: Mapping[str, Dims]  # state-dict key (canonical) → space of each axis
     live: frozenset[int]  # spaces seen on some activation (roots at the end of the run)
+    values: Mapping[str, Any]  # node name → spaces of its output (activation sites)
     unknown: Mapping[str, int]  # op → number of nodes frozen for lack of a rule
 
 
@@ -94,7 +95,8 @@ def propagate(
         except Exception as e:  # a rule that gives up must never leave a wrong tie behind
             env[node] = _frozen_node(node, spaces, env, e, unknown, strict)
     live = {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
-    return Propagation(spaces, param_dims, frozenset(live), unknown)
+    values = {n.name: v for n, v in env.items() if n.op == "call_function"}
+    return Propagation(spaces, param_dims, frozenset(live), values, unknown)
 
 
 def _frozen_node(

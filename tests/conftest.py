@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no spin-waiting workers
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 

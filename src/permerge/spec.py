@@ -186,6 +186,17 @@ class PermutationSpec:
         lost = sum(numel(a.key) for f in self.frozen if not f.boundary for a in f.members)
         return moved / (moved + lost) if moved + lost else 0.0
 
+    def restricted_to(self, keys: Iterable[str]) -> PermutationSpec:
+        """The same groups seeing only tensors in ``keys`` (e.g. parameters without buffers);
+        groups left with no member are dropped."""
+        keys = set(keys)
+        groups = []
+        for g in self.groups:
+            members = tuple(a for a in g.members if a.key in keys)
+            if members:
+                groups.append(Group(g.name, g.size, members))
+        return PermutationSpec(tuple(groups), self.frozen)
+
     def without(self, names: Iterable[str]) -> PermutationSpec:
         """A copy with the named groups frozen (reason: user override)."""
         names = set(names)

@@ -1,8 +1,22 @@
 """Weight matching (Git Re-Basin, Algorithm 1): align B's units to A's using the weights alone.
 
-For each group ``g`` the objective is ``Σ_members ⟨A, P·B⟩``, linear in ``P_g`` once every other
-group's permutation is held fixed, so it is one linear assignment problem per group. Coordinate
-descent visits the groups in a seeded random order until a sweep changes nothing.
+For each group ``g`` the objective ``Σ ⟨A, P·B⟩`` is linear in ``P_g`` once every other group's
+permutation is held fixed, so it is one linear assignment problem per group. Coordinate descent
+visits the groups in a seeded random order until a sweep changes nothing.
+
+Two departures from the paper, both measured on the test zoo:
+
+* **Start.** Coordinate descent from the identity stalls in a local optimum for groups that share
+  a dimension (attention heads × head_dim, GroupNorm groups × channels): a planted permutation
+  was recovered in only 80–90% of seeds for the attention models. Unless ``init`` is given, the
+  start is the better (by objective) of the identity and a *signature* match, which pairs units by
+  statistics of their weights that no other group's permutation changes (mean, std, min, max of
+  each member's slice). It recovers every planted permutation tried and never starts below the
+  identity, so ``objective_after >= objective_before``.
+* **Incremental costs.** Each group's cost matrix is a sum of per-tensor terms; the terms are
+  cached and, when a neighbouring group moves only some of its units, updated by a low-rank
+  correction instead of recomputed. A group whose terms did not change since its last LAP is
+  skipped (same cost, same answer). Together: a ResNet-50 matches in a few seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -11,13 +25,13 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
 from tqdm.auto import tqdm
 
-from permerge.apply import permute_tensor
+from permerge.apply import axis_index, permute_tensor
 from permerge.errors import StateDictMismatchError
 from permerge.match import lap
 from permerge.permutation import Permutation, check_permutation, identity
@@ -27,6 +41,9 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["WeightMatchingResult", "weight_matching"]
 
+_CACHE_BYTES = 1 << 30
+"""Memory for cached per-tensor cost terms; terms beyond it are recomputed at every visit."""
+
 
 @dataclass(frozen=True)
 class WeightMatchingResult:
@@ -35,12 +52,12 @@ class WeightMatchingResult:
     Attributes:
         permutation: group → int64 index vector; ``permutation[g][i]`` is the unit of B that lands
             at position ``i`` (pass it to :func:`permerge.apply_permutation` with B's state dict).
-        sweeps: full passes over the groups that were run (the last one changed nothing unless
-            ``converged`` is False).
+        sweeps: passes over the groups that were run (the last one changed nothing when
+            ``converged``).
         converged: whether a sweep changed no group before ``max_sweeps`` ran out.
         objective_before / objective_after: group → ``Σ ⟨A[k], P·B[k]⟩`` over the tensors ``k``
-            the group moves, under the initial / final permutation.
-        total_before / total_after: the same sum over every tensor the spec touches (each once).
+            the group moves, for B as given (``P`` = identity) / for the returned permutation.
+        total_before / total_after: the same sum over every tensor the spec touches, each once.
         backend: the LAP backend used.
         seconds: wall time of the whole call.
     """
@@ -76,7 +93,8 @@ def weight_matching(
         sd_a, sd_b: state dicts with the same keys and shapes; neither is modified.
         seed: seeds the order in which groups are visited each sweep.
         max_sweeps: stop after this many sweeps even if the last one still changed something.
-        init: starting permutation (groups it omits start at the identity).
+        init: starting permutation (groups it omits start at the identity); by default the better
+            of the identity and a signature match (see the module docstring).
         backend: LAP backend, see :func:`permerge.match.lap.solve`.
         tol: a group's new permutation is kept only if it beats the current one by more than
             ``tol`` relative to the current objective.
@@ -102,68 +120,185 @@ def weight_matching(
     _validate(spec, sd_a, sd_b)
     backend = lap.resolve_backend(backend)
     dev = torch.device("cpu" if device is None else device)
-    perm = identity(spec)
-    if init is not None:
-        check_permutation(spec, init)
-        perm.update({k: v.long().cpu() for k, v in init.items()})
-    # A's unit-major rows never change: gather them once. B is kept fully permuted by the
-    # current permutation (`b_cur`), and only the tensors of a group that changed are re-gathered.
-    a_rows = {g.name: [_unit_rows(sd_a[ax.key].to(dev), ax, g.size) for ax in g.members] for g in spec.groups}
-    b_cur = {k: permute_tensor(sd_b[k].to(dev), spec.axes_of(k), perm) for k in spec.keys}
-    before, total_before = _objectives(spec, sd_a, b_cur, dev)
+    a = {k: sd_a[k].to(dev) for k in spec.keys}
+    b = {k: sd_b[k].to(dev) for k in spec.keys}
+    before, total_before = _objectives(spec, a, b)
+    costs = _Costs(spec, a, b, _start(spec, a, b, init, backend, total_before))
     todo = [g for g in spec.groups if g.size > 1]
     gen = torch.Generator().manual_seed(seed)
     sweeps, converged = 0, False
     for sweeps in tqdm(range(1, max_sweeps + 1), desc="weight matching", disable=quiet or not sys.stderr.isatty()):
         changed = 0
         for k in torch.randperm(len(todo), generator=gen).tolist():
-            g = todo[k]
-            cost = _cost_matrix(g, a_rows[g.name], b_cur, perm[g.name])
+            g = todo[k].name
+            if not costs.dirty[g]:
+                continue  # its cost is what it was at its last visit, so the answer is too
+            cost = costs.matrix(g)
             new_p = lap.solve(cost, backend=backend)
-            rows = torch.arange(g.size)
-            old = cost[rows, perm[g.name]].double().sum().item()
+            rows = torch.arange(len(new_p))
+            old = cost[rows, costs.perm[g]].double().sum().item()
             new = cost[rows, new_p].double().sum().item()
-            # Stopping rule: keep the LAP's answer only if it beats the current one by more than
-            # `tol` (relative); ties and float noise keep the old permutation, so a sweep with no
-            # accepted change means converged.
+            # Stopping rule: keep the LAP's answer only if it beats the current permutation by
+            # more than `tol` (relative); ties and float noise keep the old one, so a sweep that
+            # accepts nothing has converged.
             if new > old + tol * abs(old):
-                delta = torch.argsort(perm[g.name])[new_p]  # current position of each new unit
-                for key in dict.fromkeys(ax.key for ax in g.members):
-                    axes = tuple((g.name, ax) for ax in g.members if ax.key == key)
-                    b_cur[key] = permute_tensor(b_cur[key], axes, {g.name: delta})
-                perm[g.name] = new_p
+                costs.move(g, new_p)
                 changed += 1
         LOG.info("sweep %d: %d/%d groups changed", sweeps, changed, len(todo))
         if not changed:
             converged = True
             break
-    after, total_after = _objectives(spec, sd_a, b_cur, dev)
+    after, total_after = _objectives(spec, a, costs.b)
     seconds = time.perf_counter() - start
     LOG.info(
         "weight matching: objective %.6g -> %.6g in %d sweeps (%.2f s, %s)",
         total_before, total_after, sweeps, seconds, "converged" if converged else "max_sweeps reached",
     )
     return WeightMatchingResult(
-        perm, sweeps, converged, MappingProxyType(before), MappingProxyType(after),
+        dict(costs.perm), sweeps, converged, MappingProxyType(before), MappingProxyType(after),
         total_before, total_after, backend, seconds,
     )
 
 
-def _cost_matrix(
-    g: Group, a_rows: list[torch.Tensor], b_cur: Mapping[str, torch.Tensor], p: torch.Tensor
-) -> torch.Tensor:
-    """``C[i, j] = Σ_members ⟨A's unit i, B's unit j⟩`` with every other axis of B permuted.
+# -- the start --------------------------------------------------------------------------------
 
-    ``b_cur`` holds B permuted along *all* its axes, this group's included, so its unit-major rows
+
+def _start(
+    spec: PermutationSpec,
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    init: Mapping[str, torch.Tensor] | None,
+    backend: str,
+    total_identity: float,
+) -> Permutation:
+    """``init`` if given, else the better of the identity and the signature match."""
+    perm = identity(spec)
+    if init is not None:
+        check_permutation(spec, init)
+        perm.update({k: v.long().cpu() for k, v in init.items()})
+        return perm
+    for g in spec.groups:
+        if g.size > 1:
+            fa, fb = _signature(g, a), _signature(g, b)
+            perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend=backend)
+    _, total = _objectives(spec, a, {k: permute_tensor(b[k], spec.axes_of(k), perm) for k in spec.keys})
+    LOG.debug("start: identity %.6g, signature match %.6g", total_identity, total)
+    return perm if total > total_identity else identity(spec)
+
+
+def _signature(g: Group, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``(n, 4·members)`` statistics of each unit's weights, unchanged by other groups' permutations."""
+    feats = []
+    for ax in g.members:
+        rows = _f32(_unit_rows(sd[ax.key], ax, g.size))
+        scale = rows.square().mean().sqrt().clamp_min(1e-30)  # each side by its own scale
+        lo, hi = torch.aminmax(rows, dim=1)
+        std, mean = torch.std_mean(rows, dim=1, correction=0)
+        feats.append(torch.stack([mean, std, lo, hi], dim=1) / scale)
+    return torch.cat(feats, dim=1)
+
+
+# -- costs ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Term:
+    """Members of one group whose cost contribution depends on the same other groups."""
+
+    group: str
+    deps: frozenset[str]  # the groups, other than via this axis, that permute these tensors
+    members: list[tuple[Axis, torch.Tensor]]  # (axis, A's unit rows)
+    cached: bool
+    value: torch.Tensor | None = field(default=None, repr=False)  # in B's unit order; None = stale
+
+
+class _Costs:
+    """The current permutation, B permuted by it, and each group's cost kept up to date.
+
+    Internal and mutable by design: it exists to avoid recomputing what did not change.
+    """
+
+    def __init__(
+        self, spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], perm: Permutation
+    ) -> None:
+        self.spec, self.a, self.perm = spec, a, dict(perm)
+        self.b = {k: permute_tensor(b[k], spec.axes_of(k), perm) for k in spec.keys}
+        self.terms: dict[str, list[_Term]] = {}
+        self.watch: dict[str, list[tuple[_Term, Axis]]] = {}  # key → terms reading that tensor
+        self.dirty = {g.name: True for g in spec.groups}
+        budget = _CACHE_BYTES
+        for g in spec.groups:
+            if g.size == 1:
+                continue
+            by_deps: dict[frozenset[str], _Term] = {}
+            for ax in g.members:
+                deps = frozenset(h for h, other in spec.axes_of(ax.key) if (h, other) != (g.name, ax))
+                cached = g.name not in deps and budget >= 4 * g.size**2  # self-coupled: recompute
+                term = by_deps.get(deps) if cached else None
+                if term is None:
+                    term = _Term(g.name, deps, [], cached)
+                    budget -= 4 * g.size**2 if cached else 0
+                    if cached:
+                        by_deps[deps] = term
+                    self.terms.setdefault(g.name, []).append(term)
+                term.members.append((ax, _unit_rows(a[ax.key], ax, g.size)))
+                self.watch.setdefault(ax.key, []).append((term, ax))
+
+    def matrix(self, g: str) -> torch.Tensor:
+        """``C[i, j] = Σ ⟨A's unit i, B's unit j⟩`` (other groups applied), as a CPU float32 matrix."""
+        n = self.spec[g].size
+        total = torch.zeros(n, n)
+        for term in self.terms[g]:
+            value = term.value
+            if value is None or not term.cached:
+                value = _cost_matrix(n, term.members, self.b, self.perm[g])
+                term.value = value if term.cached else None
+            total += value.cpu()
+        self.dirty[g] = False
+        return total
+
+    def move(self, g: str, new_p: torch.Tensor) -> None:
+        """Switch group ``g`` to ``new_p``: re-gather B's tensors it moves and correct the terms of
+        the groups that read them (low rank when few units moved, else marked stale)."""
+        delta = torch.argsort(self.perm[g])[new_p]  # current position of each new unit
+        for key in dict.fromkeys(ax.key for ax in self.spec[g].members):
+            mine = tuple((g, ax) for ax in self.spec[g].members if ax.key == key)
+            old = self.b[key]
+            new = permute_tensor(old, mine, {g: delta})
+            dim = mine[0][1].dim % old.dim()
+            idx = axis_index(mine[0][1], delta, old.shape[dim]) if len(mine) == 1 else None
+            moved = None if idx is None else torch.nonzero(idx != torch.arange(len(idx))).flatten()
+            for term, ax in self.watch[key]:
+                if term.group == g and g not in term.deps:
+                    continue  # in B's unit order, which g's own permutation does not touch
+                self.dirty[term.group] = True
+                if term.value is None or not term.cached:
+                    continue
+                if moved is None or ax.dim % old.dim() == dim or 2 * len(moved) > old.shape[dim]:
+                    term.value = None  # shares g's dimension, or most units moved: recompute
+                    continue
+                a_s = _f32(_unit_rows(self.a[key].index_select(dim, moved.to(old.device)), ax, len(self.perm[term.group])))
+                d_s = _f32(new.index_select(dim, moved.to(old.device))) - _f32(old.index_select(dim, moved.to(old.device)))
+                d_s = _unit_rows(d_s, ax, len(self.perm[term.group]))
+                term.value.index_add_(1, self.perm[term.group].to(old.device), a_s @ d_s.T)
+            self.b[key] = new
+        self.perm[g] = new_p
+
+
+def _cost_matrix(
+    n: int, members: list[tuple[Axis, torch.Tensor]], b_cur: Mapping[str, torch.Tensor], p: torch.Tensor
+) -> torch.Tensor:
+    """``Σ_members A_g @ B_g.T`` with B's columns in B's own unit order (on A's device).
+
+    ``b_cur`` holds B permuted along *all* its axes, this group's included, so B's unit-major rows
     come in the order ``p``; the columns are scattered back to B's own unit order at the end.
     """
-    cost = torch.zeros(g.size, g.size, dtype=torch.float32, device=a_rows[0].device)
-    for ax, a in zip(g.members, a_rows):
-        b = _unit_rows(b_cur[ax.key], ax, g.size)
-        cost.addmm_(_f32(a), _f32(b).T)
+    cost = torch.zeros(n, n, dtype=torch.float32, device=members[0][1].device)
+    for ax, a in members:
+        cost.addmm_(_f32(a), _f32(_unit_rows(b_cur[ax.key], ax, n)).T)
     out = torch.empty_like(cost)
     out[:, p.to(cost.device)] = cost
-    return out.cpu()
+    return out
 
 
 def _unit_rows(t: torch.Tensor, ax: Axis, n: int) -> torch.Tensor:
@@ -182,10 +317,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _objectives(
-    spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], b_cur: Mapping[str, torch.Tensor], dev: torch.device
+    spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, float], float]:
-    """Per group and total ``Σ ⟨A[k], P·B[k]⟩`` over the tensors each group moves."""
-    dots = {k: torch.dot(_f32(sd_a[k].to(dev)).flatten(), _f32(b_cur[k]).flatten()).item() for k in spec.keys}
+    """Per group and total ``Σ ⟨A[k], B[k]⟩`` over the tensors each group moves."""
+    dots = {k: torch.dot(_f32(a[k]).flatten(), _f32(b[k]).flatten()).item() for k in spec.keys}
     per_group = {g.name: sum(dots[k] for k in dict.fromkeys(ax.key for ax in g.members)) for g in spec.groups}
     return per_group, sum(dots.values())
 

@@ -45,13 +45,15 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import copy
 import datetime
 import math
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -59,6 +61,8 @@ from typing import Any, TypeVar
 
 import torch
 from rebasin import PermutationCoordinateDescent
+from rebasin.modules import ModuleBase
+from rebasin.paths import LinearPath, ParallelPaths, PathSequence
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,64 +171,107 @@ def timed(fn: Callable[[], T], repeats: int) -> tuple[T, float]:
     return result, statistics.median(times)  # type: ignore[return-value]
 
 
+class Expired(Exception):
+    """A tool ran past ``--timeout`` on one model."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise :class:`Expired` in the main thread once ``seconds`` have passed (Unix only)."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise Expired(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def crashed(name: str, tool: str, exc: Exception, result: ToolResult) -> ToolResult:
     print(f"[{name}] {tool}: {type(exc).__name__}: {exc}", file=sys.stderr)
-    result.crash = f"error: {type(exc).__name__}"
+    result.crash = "timeout" if isinstance(exc, Expired) else f"error: {type(exc).__name__}"
     return result
 
 
-def run_permerge(name: str, model: nn.Module, other: nn.Module, inputs: tuple[Any, ...], repeats: int) -> ToolResult:
+def run_permerge(
+    name: str, model: nn.Module, other: nn.Module, inputs: tuple[Any, ...], repeats: int, limit: int
+) -> ToolResult:
     """Trace ``model``; check that random permutations of the spec preserve ``other``'s function."""
     result = ToolResult()
     try:
-        spec, result.seconds = timed(lambda: permerge.trace(model, inputs), repeats)
-        result.count = len(spec.groups)
-        result.fraction = permutable_fraction(model, spec.keys)
-        result.error = max(
-            check_function_preserved(
-                other, spec, inputs, permerge.random_permutation(spec, seed), tol=math.inf
-            ).relative_error
-            for seed in range(N_PERMUTATIONS)
-        )
+        with time_limit(limit):
+            spec, result.seconds = timed(lambda: permerge.trace(model, inputs), repeats)
+            result.count = len(spec.groups)
+            result.fraction = permutable_fraction(model, spec.keys)
+            result.error = max(
+                check_function_preserved(
+                    other, spec, inputs, permerge.random_permutation(spec, seed), tol=math.inf
+                ).relative_error
+                for seed in range(N_PERMUTATIONS)
+            )
     except Exception as exc:
         return crashed(name, "permerge", exc, result)
     return result
 
 
-def rebasin_keys(pcd: PermutationCoordinateDescent, model_b: nn.Module) -> set[str]:
-    """State-dict keys of ``model_b`` whose tensors rebasin's permutations permute."""
-    ids = {
-        id(info.parameter_b)
-        for _, infos in pcd.pinit.model_graph.permutation_to_info
-        for info in infos
-    }
-    return {k for k, p in model_b.named_parameters(remove_duplicate=False) if id(p) in ids}
+def rebasin_modules(path: LinearPath | ParallelPaths | PathSequence) -> Iterator[ModuleBase]:
+    """The permutable modules of rebasin's model graph, each once."""
+    if isinstance(path, LinearPath):
+        yield from path.modules
+    else:
+        for sub in path.paths:
+            yield from rebasin_modules(sub)
 
 
-def run_rebasin(name: str, model: nn.Module, other: nn.Module, inputs: tuple[Any, ...], repeats: int) -> ToolResult:
+def rebasin_coverage(pcd: PermutationCoordinateDescent, model_b: nn.Module) -> tuple[int, set[str]]:
+    """The number of rebasin's permutations and the state-dict keys of the tensors they permute.
+
+    Read per module rather than from ``pcd.pinit.model_graph.permutation_to_info``: that property
+    returns the same (permutation, info) union, but every level of path nesting doubles each info
+    list (``id_to_perminfo[id][1].extend(info)`` extends a list with itself), so on the HF
+    transformers it holds millions of copies.
+    """
+    perms: set[int] = set()
+    params: set[int] = set()
+    for module in rebasin_modules(pcd.pinit.model_graph):
+        for perm, infos in module.permutation_to_info:
+            perms.add(id(perm))
+            params.update(id(info.parameter_b) for info in infos)
+    keys = {k for k, p in model_b.named_parameters(remove_duplicate=False) if id(p) in params}
+    return len(perms), keys
+
+
+def run_rebasin(
+    name: str, model: nn.Module, other: nn.Module, inputs: tuple[Any, ...], repeats: int, limit: int
+) -> ToolResult:
     """Build rebasin's PCD aligning ``other`` to ``model``, run it, and compare ``other``'s outputs."""
     result = ToolResult()
     data = inputs[0] if len(inputs) == 1 else list(inputs)
     try:
-        before = outputs(other, inputs)
-        pcd, result.seconds = timed(lambda: PermutationCoordinateDescent(model, other, data), repeats)
-        result.count = len(pcd.pinit.model_graph.permutation_to_info)
-        result.fraction = permutable_fraction(other, rebasin_keys(pcd, other))
-        torch.manual_seed(0)  # PCD visits permutations in torch.randperm order
-        pcd.rebasin()
-        result.error = output_error(before, outputs(other, inputs))[1]
+        with time_limit(limit):
+            before = outputs(other, inputs)
+            pcd, result.seconds = timed(lambda: PermutationCoordinateDescent(model, other, data), repeats)
+            result.count, keys = rebasin_coverage(pcd, other)
+            result.fraction = permutable_fraction(other, keys)
+            torch.manual_seed(0)  # PCD visits permutations in torch.randperm order
+            pcd.rebasin()
+            result.error = output_error(before, outputs(other, inputs))[1]
     except Exception as exc:
         return crashed(name, "rebasin", exc, result)
     return result
 
 
-def measure(entry: ZooModel, repeats: int) -> Row:
+def measure(entry: ZooModel, repeats: int, limit: int) -> Row:
     model, inputs = build(entry)
     params = sum(p.numel() for p in model.parameters())
     print(f"[{entry.name}] permerge", file=sys.stderr)
-    ours = run_permerge(entry.name, model, independent_copy(model, seed=1), inputs, repeats)
+    ours = run_permerge(entry.name, model, independent_copy(model, seed=1), inputs, repeats, limit)
     print(f"[{entry.name}] rebasin", file=sys.stderr)
-    theirs = run_rebasin(entry.name, model, independent_copy(model, seed=1), inputs, repeats)
+    theirs = run_rebasin(entry.name, model, independent_copy(model, seed=1), inputs, repeats, limit)
     return Row(entry.name, params, ours, theirs)
 
 
@@ -263,15 +310,17 @@ def table(rows: list[Row], threads: int) -> str:
         for r in rows
     ]
     n = len(rows)
-    ours = sum(r.permerge.preserved for r in rows)
-    theirs = sum(r.rebasin.preserved for r in rows)
     covered = sum(
         r.permerge.fraction is not None and r.permerge.fraction >= (r.rebasin.fraction or 0.0) for r in rows
     )
-    lines.append(
-        f"| **total** | | | | | permerge function preserved on {ours}/{n} models | | | "
-        f"permerge fraction ≥ rebasin's on {covered}/{n} | rebasin function preserved on {theirs}/{n} models |"
-    )
+    total = [
+        f"**total ({n})**", "", "", "",
+        f"≥ rebasin's on {covered}/{n}",
+        f"preserved on {sum(r.permerge.preserved for r in rows)}/{n}",
+        "", "", "",
+        f"preserved on {sum(r.rebasin.preserved for r in rows)}/{n}",
+    ]
+    lines.append("| " + " | ".join(total) + " |")
     return "\n".join(lines)
 
 
@@ -279,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated zoo names (default: the whole zoo)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median is reported)")
+    parser.add_argument("--timeout", type=int, default=60, help="seconds per tool and model")
     args = parser.parse_args(argv)
 
     threads = int(os.environ.get("PERMERGE_BENCH_THREADS", 2))
@@ -292,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         entries = [by_name[m] for m in args.models.split(",")]
 
     warm_up()
-    rows = [measure(entry, args.repeats) for entry in entries]
+    rows = [measure(entry, args.repeats, args.timeout) for entry in entries]
     print(table(rows, threads))
 
 

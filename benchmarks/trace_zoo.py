@@ -7,7 +7,8 @@ Run from the repository root (needs the ``bench`` extra, ``pip install -e .[benc
 ``PERMERGE_BENCH_THREADS`` sets the torch thread count (default 2). Progress and per-model
 errors go to stderr; stdout gets one markdown table with a row per model of the test zoo
 (``tests/zoo.py``) and a totals row. A tool that crashes on a model gets ``error: <type>`` in
-its cells and the benchmark goes on.
+the cells it did not fill, one that runs past ``--timeout`` seconds (default 60) on a model gets
+``timeout``, and the benchmark goes on.
 
 What is measured, per model:
 
@@ -16,7 +17,7 @@ What is measured, per model:
   with torchview and builds its permutations). Before the first model both tools run once on a
   tiny MLP so one-time costs (imports, export/dispatch caches) are not charged to it.
 * **#groups / #perms** -- permerge's permutation groups; rebasin's distinct ``Permutation``
-  objects after its ``enforce_identity`` pass (``pcd.pinit.model_graph.permutation_to_info``).
+  objects left after its ``enforce_identity`` pass (see :func:`rebasin_coverage`).
 * **permutable fraction** -- the same definition for both tools: the number of elements of
   floating-point state-dict tensors (parameters and buffers) that the tool permutes along at
   least one axis, divided by the number of elements of all floating-point state-dict tensors.

@@ -7,13 +7,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from permerge.cli import align as align_cmd
 from permerge.cli import inspect as inspect_cmd
+from permerge.cli import merge as merge_cmd
 from permerge.errors import PermergeError
 
 LOG = logging.getLogger("permerge")
 
 # name → module with add_arguments(parser) and run(args) -> int
-COMMANDS = {"inspect": inspect_cmd}
+COMMANDS = {"inspect": inspect_cmd, "align": align_cmd, "merge": merge_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -134,12 +134,13 @@ def save_state_dict(
     return path
 
 
-def prepare_output_dir(out: StrPath, *, force: bool, inputs: Iterable[StrPath]) -> Path:
+def prepare_output_dir(out: StrPath, *, force: bool, inputs: Iterable[StrPath], create: bool = True) -> Path:
     """Create the output directory ``out``, refusing one that could clobber results or inputs.
 
     Refuses when ``out`` is, or contains, an input; or when it exists and is not empty, unless
     ``force``. With ``force`` nothing is deleted: files permerge writes replace their namesakes
-    atomically, everything else in ``out`` is kept.
+    atomically, everything else in ``out`` is kept. ``create=False`` only checks (call it before
+    long work, so a bad output path fails fast).
     """
     out = Path(out)
     resolved = out.resolve()
@@ -161,7 +162,8 @@ def prepare_output_dir(out: StrPath, *, force: bool, inputs: Iterable[StrPath]) 
             )
         if existing:
             LOG.warning("writing into non-empty %s (force): its %d existing entries are kept", out, len(existing))
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -1,0 +1,59 @@
+"""Write one result directory (weights, permutations, spec, provenance) all or nothing.
+
+A new directory is assembled under a temporary name beside it and renamed into place at the end,
+so an interrupted run leaves no half-written output; with ``force`` into an existing directory
+every file is still replaced atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from permerge.io.read import StrPath
+from permerge.io.write import atomic_write, prepare_output_dir, save_permutation, save_state_dict, write_provenance
+from permerge.spec import PermutationSpec
+
+__all__ = ["write_result"]
+
+
+def write_result(
+    out: StrPath,
+    *,
+    force: bool,
+    inputs: Mapping[str, StrPath],
+    state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
+    permutations: Mapping[str, Mapping[str, torch.Tensor]],
+    spec: PermutationSpec,
+    command: list[str],
+    config: Mapping[str, Any],
+    report: Mapping[str, Any],
+) -> Path:
+    """Write ``<name>.safetensors`` per state dict, ``<name>.safetensors`` per permutation,
+    ``spec.json`` and ``provenance.json`` into ``out``; inputs are never overwritten."""
+    out = prepare_output_dir(out, force=force, inputs=inputs.values(), create=False)
+    fresh = not out.exists()
+    target = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial") if fresh else out
+    target.mkdir(parents=True, exist_ok=not fresh)
+    try:
+        protect = list(inputs.values())
+        for name, sd in state_dicts.items():
+            save_state_dict(sd, target / f"{name}.safetensors", protect=protect)
+        for name, perm in permutations.items():
+            if perm:
+                save_permutation(perm, target / f"{name}.safetensors", protect=protect)
+        atomic_write(target / "spec.json", lambda tmp: tmp.write_text(spec.to_json()))
+        write_provenance(target, command=command, config=config, inputs=inputs, report=report)
+        if fresh:
+            os.rename(target, out)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return out

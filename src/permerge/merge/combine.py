@@ -24,7 +24,7 @@ METHODS = ("weight", "many", "average")
 @dataclass(frozen=True)
 class MergeResult:
     model: nn.Module
-    permutations: tuple[Permutation, ...]  # per input: maps it into the merged model's basis
+    permutations: tuple[Permutation, ...]  # per input: maps it into the merged basis (empty: average)
     spec: PermutationSpec
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +67,6 @@ def merge_models(
         perms = (identity(spec), *(a.permutation for a in aligned))
     else:
         merged = merge(list(models), weights)
-        perms = tuple(identity(spec) for _ in models)
+        perms = ()  # nothing was permuted
     report["seconds"] = time.perf_counter() - start
     return MergeResult(merged, tuple(perms), spec, report)  # type: ignore[arg-type]

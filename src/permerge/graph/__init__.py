@@ -31,6 +31,7 @@ class Traced:
     spec: PermutationSpec
     sites: dict[str, tuple[Site, ...]]  # group → where its units appear as activations
     program: torch.export.ExportedProgram
+    consumer_axes: frozenset[tuple[str, int]]  # (key, dim) that read a group's features (W's dim 1)
 
 
 def trace_graph(
@@ -52,7 +53,8 @@ def trace_graph(
         )
     LOG.info("traced %s: %d groups, %d frozen spaces", type(model).__name__, len(spec.groups), len(spec.frozen))
     targets = {n.name: n.target for n in cap.graph.nodes}
-    return Traced(spec, activation_sites(prop, roots, targets), cap.program)
+    consumers = frozenset((alias, dim) for key, dim in prop.consumer_axes for alias in cap.aliases.get(key, (key,)))
+    return Traced(spec, activation_sites(prop, roots, targets), cap.program, consumers)
 
 
 def trace(

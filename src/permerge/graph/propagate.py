@@ -31,6 +31,7 @@ class Propagation:
     param_dims: Mapping[str, Dims]  # state-dict key (canonical) → space of each axis
     live: frozenset[int]  # spaces seen on some activation (roots at the end of the run)
     values: Mapping[str, Any]  # node name → spaces of its output (activation sites)
+    consumer_axes: frozenset[tuple[str, int]]  # parameter axes that read an input (linear's dim 1)
     unknown: Mapping[str, int]  # op → number of nodes frozen for lack of a rule
 
 
@@ -65,6 +66,7 @@ def propagate(
     env: dict[fx.Node, Any] = {}
     param_dims: dict[str, Dims] = {}
     unknown: dict[str, int] = {}
+    consumers: set[tuple[str, int]] = set()
     for node in cap.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder":
@@ -94,9 +96,31 @@ def propagate(
             env[node] = rule(Call(node, spaces, env))
         except Exception as e:  # a rule that gives up must never leave a wrong tie behind
             env[node] = _frozen_node(node, spaces, env, e, unknown, strict)
+        else:
+            consumers |= _consumer_axes(node, env, spaces, cap)
     live = {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
     values = {n.name: v for n, v in env.items() if n.op == "call_function"}
-    return Propagation(spaces, param_dims, frozenset(live), values, unknown)
+    return Propagation(spaces, param_dims, frozenset(live), values, frozenset(consumers), unknown)
+
+
+def _consumer_axes(node: fx.Node, env: dict[fx.Node, Any], spaces: Spaces, cap: Captured) -> set[tuple[str, int]]:
+    """Axes of the node's parameters tied to an input activation but not to its output.
+
+    A linear's weight dim 1 reads the input features (consumer); dim 0 and the bias make the
+    output (producer). Partial merging (PLeaS) needs to know which is which.
+    """
+    out = {spaces.find(s) for d in _tensor_dims(env.get(node)) for s in d}
+    args = _arg_nodes(node)
+    acts = {spaces.find(s) for a in args if a.name not in cap.params for d in _tensor_dims(env.get(a)) for s in d}
+    found = set()
+    for a in args:
+        if a.name in cap.params:
+            key = cap.params[a.name]
+            for dim, s in enumerate(env[a]):
+                r = spaces.find(s)
+                if r in acts and r not in out:
+                    found.add((cap.aliases.get(key, (key,))[0], dim))
+    return found
 
 
 def _frozen_node(

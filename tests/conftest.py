@@ -17,7 +17,7 @@ from zoo import ZOO_BY_NAME  # noqa: E402
 import permerge  # noqa: E402
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def traced(name: str):
     """(model, inputs, kwargs, spec) for a zoo entry, traced once per session."""
     z = ZOO_BY_NAME[name]

@@ -88,6 +88,13 @@ def test_align_recovers_a_permuted_copy(method):
         assert torch.equal(res.model.state_dict()[k], v), k
 
 
+def _batch_like(x, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if x.dtype == torch.long:
+        return torch.randint(0, 64, (8, *x.shape[1:]), generator=gen)
+    return torch.randn(8, *x.shape[1:], generator=gen)
+
+
 def test_activation_matching_aligns_activations_across_the_zoo():
     """On a permuted copy, matched units have identical activations (dead units may swap)."""
     from permerge.graph import trace_graph
@@ -97,10 +104,7 @@ def test_activation_matching_aligns_activations_across_the_zoo():
         model, x, kwargs, spec = traced(name)
         b = copy.deepcopy(model)
         b.load_state_dict(pm.apply_permutation(spec, pm.random_permutation(spec, 1), model.state_dict()))
-        gen = torch.Generator().manual_seed(0)
-        make = (lambda: torch.randint(0, 64, (8, 8), generator=gen)) if x[0].dtype == torch.long else (
-            lambda: torch.randn(8, *x[0].shape[1:], generator=gen))  # fmt: skip
-        data = [make() for _ in range(4)]
+        data = [_batch_like(x[0], seed) for seed in range(4)]
         res = pm.activation_matching(model, b, spec, data, example_kwargs=kwargs)
         aligned = pm.apply_permutation(spec, res.permutation, b.state_dict())
         traced_graph = trace_graph(model, (data[0],), example_kwargs=kwargs)

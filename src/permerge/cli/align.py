@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from permerge.align import align
 from permerge.cli._checkpoints import data_from, load_into
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_output_dir(args.out, force=args.force, inputs=inputs.values(), create=False)  # fail fast
     ref = load_model(args.model, args)
     a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
-    spec = PermutationSpec.from_json(open(args.spec).read()) if args.spec else None
+    spec = PermutationSpec.from_json(Path(args.spec).read_text()) if args.spec else None
     res = align(a, b, ref.inputs, args.method, spec=spec, example_kwargs=ref.kwargs, data=data_from(args.data),
                 seed=args.seed, quiet=args.quiet)  # fmt: skip
     write_result(

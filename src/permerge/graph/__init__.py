@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
-from dataclasses import dataclass
-
 import torch
+from torch import nn
 
 from permerge.graph.capture import capture
 from permerge.graph.groups import build_spec

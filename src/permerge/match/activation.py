@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from permerge.errors import PermergeError, SpecError
 from permerge.graph import trace_graph
 from permerge.graph.record import run_recording
+from permerge.graph.sites import Site
 from permerge.match import lap
 from permerge.permutation import Permutation
-from permerge.graph.sites import Site
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class ActivationMatchingResult:
     samples: int
     backend: str
     seconds: float
+    costs: Mapping[str, torch.Tensor] | None = None  # group → (A units × B units) correlation, if asked
 
 
 def batch_inputs(batch: Any) -> tuple[Any, ...]:
@@ -95,6 +96,7 @@ def activation_matching(
     example_kwargs: Mapping[str, Any] | None = None,
     max_batches: int | None = None,
     backend: str = "auto",
+    return_costs: bool = False,
     quiet: bool = False,
 ) -> ActivationMatchingResult:
     """Match every group of ``spec`` by the correlation of A's and B's activations on ``data``.
@@ -102,7 +104,10 @@ def activation_matching(
     ``data`` is any iterable of batches (a DataLoader, a list of tensors); ``input_fn`` turns a
     batch into the model's positional inputs. The graph is traced on the first batch; batches of
     another shape (a last partial batch) are skipped. ``spec`` (default: traced) must name groups
-    the trace finds, since activations are located through the traced graph.
+    the trace finds, since activations are located through the traced graph. ``return_costs``
+    keeps each group's correlation matrix in ``result.costs`` (rows: A's units, columns: B's units
+    in B's own order, so ``costs[g][i, permutation[g][i]]`` is the matched pair's correlation),
+    which partial merging uses to decide which pairs to keep apart.
     """
     start = time.perf_counter()
     backend = lap.resolve_backend(backend)
@@ -132,18 +137,21 @@ def activation_matching(
             LOG.warning("skipping a batch of shape %s (traced on %s)", inputs[0].shape, shape)
         inputs = input_fn(b) if (b := next(it, None)) is not None else None
     bar.close()
-    perm, before, after = {}, {}, {}
+    perm, before, after, costs = {}, {}, {}, {}
     for g in spec.groups:
         cost = sum(corr[(g.name, i)].matrix() for i in range(len(traced.sites[g.name])))
         cost = cost / len(traced.sites[g.name])
         perm[g.name] = lap.solve(cost.float(), backend=backend)
         before[g.name] = cost.diagonal().mean().item()
         after[g.name] = cost[torch.arange(g.size), perm[g.name]].mean().item()
+        if return_costs:
+            costs[g.name] = cost.float()
     samples = sum(c.count for (name, i), c in corr.items() if i == 0)
     seconds = time.perf_counter() - start
     LOG.info("activation matching: %d groups on %d batches in %.2f s", len(spec.groups), batches, seconds)
     return ActivationMatchingResult(
-        perm, MappingProxyType(before), MappingProxyType(after), batches, samples, backend, seconds
+        perm, MappingProxyType(before), MappingProxyType(after), batches, samples, backend, seconds,
+        MappingProxyType(costs) if return_costs else None,
     )
 
 

@@ -8,15 +8,18 @@ Two departures from the paper, both measured on the test zoo:
 
 * **Start.** Coordinate descent from the identity stalls in a local optimum for groups that share
   a dimension (attention heads × head_dim, GroupNorm groups × channels): a planted permutation
-  was recovered in only 80–90% of seeds for the attention models. Unless ``init`` is given, the
-  start is the better (by objective) of the identity and a *signature* match, which pairs units by
-  statistics of their weights that no other group's permutation changes (mean, std, min, max of
-  each member's slice). It recovers every planted permutation tried and never starts below the
-  identity, so ``objective_after >= objective_before``.
+  was recovered in only 80–93% of 40 seeds for the zoo's attention models, and not for a planted
+  ResNet-50. Unless ``init`` is given, the start is the better (by objective) of the identity and
+  a *signature* match, which pairs units by statistics of their weights that no other group's
+  permutation changes (sum, norm, min, max of each member's slice). It recovered all 500 planted
+  permutations tried (25 seeds × 20 zoo models) and never starts below the identity, so
+  ``total_after >= total_before``; on unrelated models it ends at a similar or higher objective.
 * **Incremental costs.** Each group's cost matrix is a sum of per-tensor terms; the terms are
   cached and, when a neighbouring group moves only some of its units, updated by a low-rank
   correction instead of recomputed. A group whose terms did not change since its last LAP is
-  skipped (same cost, same answer). Together: a ResNet-50 matches in a few seconds on 2 cores.
+  skipped (same cost, same answer). A ResNet-50 (23.5M parameters, 37 groups) on the shared 2-core
+  dev box: unrelated weights ≈ 10 s (30 sweeps, ~0.3 s each; recomputing every cost took
+  1.3–1.8 s a sweep), a planted permutation 2.3 s (recovered exactly in one sweep).
 """
 
 from __future__ import annotations
@@ -123,7 +126,8 @@ def weight_matching(
     a = {k: sd_a[k].to(dev) for k in spec.keys}
     b = {k: sd_b[k].to(dev) for k in spec.keys}
     before, total_before = _objectives(spec, a, b)
-    costs = _Costs(spec, a, b, _start(spec, a, b, init, backend, total_before))
+    costs = _Costs(spec, a, *_start(spec, a, b, init, backend, total_before))
+    objective = _objectives(spec, a, costs.b)[1]
     todo = [g for g in spec.groups if g.size > 1]
     gen = torch.Generator().manual_seed(seed)
     sweeps, converged = 0, False
@@ -143,8 +147,8 @@ def weight_matching(
             # accepts nothing has converged.
             if new > old + tol * abs(old):
                 costs.move(g, new_p)
-                changed += 1
-        LOG.info("sweep %d: %d/%d groups changed", sweeps, changed, len(todo))
+                changed, objective = changed + 1, objective + new - old
+        LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
         if not changed:
             converged = True
             break
@@ -170,31 +174,38 @@ def _start(
     init: Mapping[str, torch.Tensor] | None,
     backend: str,
     total_identity: float,
-) -> Permutation:
-    """``init`` if given, else the better of the identity and the signature match."""
+) -> tuple[Permutation, dict[str, torch.Tensor]]:
+    """``init`` if given, else the better of the identity and the signature match; and B permuted by it."""
     perm = identity(spec)
     if init is not None:
         check_permutation(spec, init)
         perm.update({k: v.long().cpu() for k, v in init.items()})
-        return perm
-    for g in spec.groups:
-        if g.size > 1:
-            fa, fb = _signature(g, a), _signature(g, b)
-            perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend=backend)
-    _, total = _objectives(spec, a, {k: permute_tensor(b[k], spec.axes_of(k), perm) for k in spec.keys})
-    LOG.debug("start: identity %.6g, signature match %.6g", total_identity, total)
-    return perm if total > total_identity else identity(spec)
+    else:
+        for g in spec.groups:
+            if g.size > 1:
+                fa, fb = _signature(g, a), _signature(g, b)
+                perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend=backend)
+    b_perm = {k: _copy_of(permute_tensor(b[k], spec.axes_of(k), perm), b[k]) for k in spec.keys}
+    if init is None:
+        _, total = _objectives(spec, a, b_perm)
+        LOG.debug("start: identity %.6g, signature match %.6g", total_identity, total)
+        if total <= total_identity:
+            perm, b_perm = identity(spec), {k: b[k].clone() for k in spec.keys}  # _Costs writes into it
+    return perm, b_perm
 
 
 def _signature(g: Group, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``(n, 4·members)`` statistics of each unit's weights, unchanged by other groups' permutations."""
+    """``(n, 4·members)`` statistics of each unit's weights, unchanged by other groups' permutations.
+
+    Two units that are the same weights up to other groups' permutations get the same statistics,
+    so a planted permutation is matched exactly whenever the statistics tell the units apart.
+    """
     feats = []
     for ax in g.members:
         rows = _f32(_unit_rows(sd[ax.key], ax, g.size))
-        scale = rows.square().mean().sqrt().clamp_min(1e-30)  # each side by its own scale
-        lo, hi = torch.aminmax(rows, dim=1)
-        std, mean = torch.std_mean(rows, dim=1, correction=0)
-        feats.append(torch.stack([mean, std, lo, hi], dim=1) / scale)
+        # (amax/amin/sum/norm are vectorised; aminmax and std_mean are ~10x slower on CPU)
+        f = torch.stack([rows.sum(1), torch.linalg.vector_norm(rows, dim=1), rows.amin(1), rows.amax(1)], dim=1)
+        feats.append(f / f[:, 1].square().mean().sqrt().clamp_min(1e-30))  # each side by its own scale
     return torch.cat(feats, dim=1)
 
 
@@ -219,10 +230,9 @@ class _Costs:
     """
 
     def __init__(
-        self, spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], perm: Permutation
+        self, spec: PermutationSpec, a: Mapping[str, torch.Tensor], perm: Permutation, b: dict[str, torch.Tensor]
     ) -> None:
-        self.spec, self.a, self.perm = spec, a, dict(perm)
-        self.b = {k: permute_tensor(b[k], spec.axes_of(k), perm) for k in spec.keys}
+        self.spec, self.a, self.perm, self.b = spec, a, dict(perm), b  # b: B permuted by perm, a copy we own
         self.terms: dict[str, list[_Term]] = {}
         self.watch: dict[str, list[tuple[_Term, Axis]]] = {}  # key → terms reading that tensor
         self.dirty = {g.name: True for g in spec.groups}
@@ -233,13 +243,13 @@ class _Costs:
             by_deps: dict[frozenset[str], _Term] = {}
             for ax in g.members:
                 deps = frozenset(h for h, other in spec.axes_of(ax.key) if (h, other) != (g.name, ax))
-                cached = g.name not in deps and budget >= 4 * g.size**2  # self-coupled: recompute
-                term = by_deps.get(deps) if cached else None
+                term = by_deps.get(deps)
                 if term is None:
+                    # a self-coupled term depends on g's own permutation: recompute it every visit
+                    cached = g.name not in deps and budget >= 4 * g.size**2
                     term = _Term(g.name, deps, [], cached)
                     budget -= 4 * g.size**2 if cached else 0
-                    if cached:
-                        by_deps[deps] = term
+                    by_deps[deps] = term
                     self.terms.setdefault(g.name, []).append(term)
                 term.members.append((ax, _unit_rows(a[ax.key], ax, g.size)))
                 self.watch.setdefault(ax.key, []).append((term, ax))
@@ -258,30 +268,36 @@ class _Costs:
         return total
 
     def move(self, g: str, new_p: torch.Tensor) -> None:
-        """Switch group ``g`` to ``new_p``: re-gather B's tensors it moves and correct the terms of
-        the groups that read them (low rank when few units moved, else marked stale)."""
+        """Switch group ``g`` to ``new_p``: re-gather the slices of B it moves and correct the terms
+        of the groups that read them (low rank when few units moved, else marked stale)."""
         delta = torch.argsort(self.perm[g])[new_p]  # current position of each new unit
         for key in dict.fromkeys(ax.key for ax in self.spec[g].members):
-            mine = tuple((g, ax) for ax in self.spec[g].members if ax.key == key)
-            old = self.b[key]
-            new = permute_tensor(old, mine, {g: delta})
-            dim = mine[0][1].dim % old.dim()
-            idx = axis_index(mine[0][1], delta, old.shape[dim]) if len(mine) == 1 else None
-            moved = None if idx is None else torch.nonzero(idx != torch.arange(len(idx))).flatten()
+            mine = tuple(ax for ax in self.spec[g].members if ax.key == key)
+            b = self.b[key]
+            if len(mine) > 1:  # g twice in one tensor: re-gather it whole, recompute its readers
+                self.b[key] = permute_tensor(b, tuple((g, ax) for ax in mine), {g: delta})
+                for term, _ in self.watch[key]:
+                    self.dirty[term.group], term.value = True, None
+                continue
+            dim = mine[0].dim % b.dim()
+            idx = axis_index(mine[0], delta, b.shape[dim])
+            moved = torch.nonzero(idx != torch.arange(len(idx))).flatten()
+            at, src = moved.to(b.device), idx[moved].to(b.device)  # slice `at` becomes slice `src`
             for term, ax in self.watch[key]:
                 if term.group == g and g not in term.deps:
                     continue  # in B's unit order, which g's own permutation does not touch
                 self.dirty[term.group] = True
                 if term.value is None or not term.cached:
                     continue
-                if moved is None or ax.dim % old.dim() == dim or 2 * len(moved) > old.shape[dim]:
+                if ax.dim % b.dim() == dim or 2 * len(moved) > b.shape[dim]:
                     term.value = None  # shares g's dimension, or most units moved: recompute
                     continue
-                a_s = _f32(_unit_rows(self.a[key].index_select(dim, moved.to(old.device)), ax, len(self.perm[term.group])))
-                d_s = _f32(new.index_select(dim, moved.to(old.device))) - _f32(old.index_select(dim, moved.to(old.device)))
-                d_s = _unit_rows(d_s, ax, len(self.perm[term.group]))
-                term.value.index_add_(1, self.perm[term.group].to(old.device), a_s @ d_s.T)
-            self.b[key] = new
+                n, p = len(self.perm[term.group]), self.perm[term.group].to(b.device)
+                d_s = _f32(b.index_select(dim, src)) - _f32(b.index_select(dim, at))
+                # rows of b are in p's order; put them in B's unit order so the update adds in place
+                d_s = _unit_rows(d_s, ax, n).index_select(0, torch.argsort(p))
+                term.value.addmm_(_f32(_unit_rows(self.a[key].index_select(dim, at), ax, n)), d_s.T)
+            b.index_copy_(dim, at, b.index_select(dim, src))  # b is ours (a copy), so in place
         self.perm[g] = new_p
 
 
@@ -309,6 +325,11 @@ def _unit_rows(t: torch.Tensor, ax: Axis, n: int) -> torch.Tensor:
     pos = ax.positions(n).flatten().to(t.device)
     x = t.index_select(dim, pos).movedim(dim, 0)  # (repeat * n * block, rest...)
     return x.reshape(ax.repeat, n, ax.block, -1).transpose(0, 1).reshape(n, -1)
+
+
+def _copy_of(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``t``, cloned if it shares memory with ``source`` (the caller's tensor, never written)."""
+    return t.clone() if t.untyped_storage().data_ptr() == source.untyped_storage().data_ptr() else t
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ Nothing here modifies a model it is given, except :func:`train`, whose job that 
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import gzip
 import hashlib
 import json
@@ -30,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -364,6 +366,7 @@ def barrier(
     bn_data: Tensor | None = None,
     bn_batches: int = 10,
     batch_size: int = 1000,
+    endpoints: tuple[tuple[float, float], tuple[float, float]] | None = None,
     quiet: bool = True,
 ) -> BarrierResult:
     """Test loss and accuracy barriers of the straight line from ``model_a`` to ``model_b``.
@@ -377,6 +380,8 @@ def barrier(
         bn_data: inputs for the re-estimation (training images); defaults to ``x``.
         bn_batches: batches of 500 rows of ``bn_data`` used per re-estimation.
         batch_size: evaluation batch size.
+        endpoints: ``((loss_A, acc_A), (loss_B, acc_B))`` already measured (the same for every
+            permutation of B, BN reset included), to skip evaluating α = 0 and 1.
 
     Returns:
         A :class:`BarrierResult`; barriers can be slightly negative when the path is convex.
@@ -384,19 +389,23 @@ def barrier(
     from permerge import interpolate
 
     grid = tuple(float(a) for a in (torch.linspace(0, 1, alphas).tolist() if isinstance(alphas, int) else alphas))
+    if grid[0] != 0.0 or grid[-1] != 1.0:
+        raise ValueError(f"the α grid must start at 0 and end at 1, got {grid}")
     reset = bn_reset and has_batchnorm(model_a)
+    known = {} if endpoints is None else {0: endpoints[0], len(grid) - 1: endpoints[1]}
     losses, accs = [], []
-    for alpha in tqdm(grid, desc="barrier", disable=quiet, leave=False):
-        m = interpolate(model_a, model_b, alpha)
-        if reset:
-            m = reset_bn_stats(m, x if bn_data is None else bn_data, bn_batches)
-        loss, acc = evaluate(m, x, y, batch_size)
+    for i, alpha in enumerate(tqdm(grid, desc="barrier", disable=quiet, leave=False)):
+        if i in known:
+            loss, acc = known[i]
+        else:
+            m = interpolate(model_a, model_b, alpha)
+            if reset:
+                m = reset_bn_stats(m, x if bn_data is None else bn_data, bn_batches)
+            loss, acc = evaluate(m, x, y, batch_size)
         losses.append(loss)
         accs.append(acc)
     la, lb, aa, ab = losses[0], losses[-1], accs[0], accs[-1]
-    if grid[0] != 0.0 or grid[-1] != 1.0:
-        raise ValueError(f"the α grid must start at 0 and end at 1, got {grid}")
-    loss_barrier = max(l - ((1 - a) * la + a * lb) for a, l in zip(grid, losses))
+    loss_barrier = max(loss - ((1 - a) * la + a * lb) for a, loss in zip(grid, losses))
     acc_barrier = max(((1 - a) * aa + a * ab) - c for a, c in zip(grid, accs))
     return BarrierResult(grid, tuple(losses), tuple(accs), loss_barrier, acc_barrier)
 
@@ -405,15 +414,17 @@ def barrier(
 
 
 class Timer:
-    """``with Timer() as t: ...`` then ``t.seconds`` (wall clock, ``time.perf_counter``)."""
+    """``with Timer() as t: ...`` then ``t.seconds`` (wall clock) and ``t.cpu`` (this process's CPU
+    time, all threads: on a shared machine, wall time alone mixes in other people's load)."""
 
     def __enter__(self) -> Timer:
-        self.seconds = math.nan
-        self._start = time.perf_counter()
+        self.seconds = self.cpu = math.nan
+        self._start, self._cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._start
+        self.cpu = time.process_time() - self._cpu
 
 
 @dataclass(frozen=True)
@@ -422,10 +433,15 @@ class Timing(Generic[T]):
 
     times: tuple[float, ...]
     result: T
+    cpu_times: tuple[float, ...] = ()
 
     @property
     def median(self) -> float:
         return statistics.median(self.times)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times) if self.cpu_times else math.nan
 
     @property
     def spread(self) -> tuple[float, float]:
@@ -440,12 +456,13 @@ def median_time(fn: Callable[[], T], repeats: int = 3, *, warmup: int = 0) -> Ti
     """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times timed; see :class:`Timing`."""
     for _ in range(warmup):
         fn()
-    times, result = [], None
+    times, cpu, result = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return Timing(tuple(times), result)  # type: ignore[arg-type]
+        with Timer() as t:
+            result = fn()
+        times.append(t.seconds)
+        cpu.append(t.cpu)
+    return Timing(tuple(times), result, tuple(cpu))  # type: ignore[arg-type]
 
 
 def peak_rss_mb() -> float:
@@ -463,13 +480,23 @@ def current_rss_mb() -> float:
         return peak_rss_mb()
 
 
+def release_free_memory() -> None:
+    """``gc.collect()`` and, on glibc, ``malloc_trim(0)``: hand freed heap pages back to the OS."""
+    gc.collect()
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @dataclass
 class RssSampler:
     """Peak RSS growth over a block: ``with RssSampler() as s: ...`` then ``s.peak_mb``.
 
     ``getrusage``'s peak is per process and only grows, so it cannot attribute memory to one step
     of a long benchmark; this samples the current RSS every ``interval`` seconds in a thread and
-    reports the largest increase over the RSS at entry (a lower bound on the true peak).
+    reports the largest increase over the RSS at entry (a lower bound on the true peak). On entry
+    it runs the garbage collector and glibc's ``malloc_trim(0)``, so that memory freed by earlier
+    steps is returned to the OS rather than silently reused (which would make whichever step runs
+    second look free).
     """
 
     interval: float = 0.005
@@ -481,6 +508,7 @@ class RssSampler:
             self.peak_mb = max(self.peak_mb, current_rss_mb() - base)
 
     def __enter__(self) -> RssSampler:
+        release_free_memory()
         base = current_rss_mb()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(base,), daemon=True)

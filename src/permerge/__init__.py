@@ -17,6 +17,8 @@ from permerge.graph import register_rule, trace
 from permerge.match import activation_matching, ste_matching, weight_matching
 from permerge.merge import interpolate, merge
 from permerge.merge.many import merge_many
+from permerge.merge.partial import partial_merge
+from permerge.merge.pleas import pleas
 from permerge.permutation import Permutation, identity, inverse, random_permutation
 from permerge.spec import Axis, Frozen, Group, PermutationSpec
 
@@ -27,6 +29,8 @@ __all__ = [
     "interpolate",
     "merge",
     "merge_many",
+    "partial_merge",
+    "pleas",
     "ste_matching",
     "weight_matching",
     "Axis",

@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from permerge.cli import align as align_cmd
+from permerge.cli import barrier as barrier_cmd
+from permerge.cli import demo as demo_cmd
 from permerge.cli import inspect as inspect_cmd
 from permerge.cli import merge as merge_cmd
 from permerge.errors import PermergeError
@@ -15,7 +17,7 @@ from permerge.errors import PermergeError
 LOG = logging.getLogger("permerge")
 
 # name → module with add_arguments(parser) and run(args) -> int
-COMMANDS = {"inspect": inspect_cmd, "align": align_cmd, "merge": merge_cmd}
+COMMANDS = {"inspect": inspect_cmd, "align": align_cmd, "merge": merge_cmd, "barrier": barrier_cmd, "demo": demo_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from torch import nn
 
 from permerge import models
 from permerge.errors import PermergeError
+from permerge.io.hf import hf_architecture
 
 __all__ = ["ModelRef", "add_model_arguments", "load_model"]
 
@@ -88,21 +89,5 @@ def _inputs(module: Any, args: argparse.Namespace) -> tuple[Any, ...]:
 
 
 def _hf_model(path: Path, meta: bool) -> ModelRef:
-    try:
-        import transformers
-    except ImportError as e:
-        raise PermergeError("Hugging Face directories need transformers: pip install 'permerge[hf]'") from e
-    config = transformers.AutoConfig.from_pretrained(path)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch) if arch and hasattr(transformers, arch) else transformers.AutoModel
-    device = torch.device("meta") if meta else torch.device("cpu")
-    with device:
-        model = cls._from_config(config) if hasattr(cls, "_from_config") else cls.from_config(config)
-    model.eval()
-    if hasattr(config, "image_size") and hasattr(config, "num_channels"):
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        inputs: tuple[Any, ...] = (torch.zeros(1, config.num_channels, size, size, device=device),)
-    else:
-        inputs = (torch.zeros(1, 16, dtype=torch.long, device=device),)
-    kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
-    return ModelRef(model, inputs, kwargs, f"{arch or type(model).__name__} from {path}")
+    arch = hf_architecture(path, meta=meta)
+    return ModelRef(arch.model, arch.inputs, arch.kwargs, arch.description)

@@ -10,17 +10,24 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from permerge.io.read import StrPath
-from permerge.io.write import atomic_write, prepare_output_dir, save_permutation, save_state_dict, write_provenance
+from permerge.io.write import (
+    atomic_write,
+    check_not_input,
+    prepare_output_dir,
+    save_permutation,
+    save_state_dict,
+    write_provenance,
+)
 from permerge.spec import PermutationSpec
 
-__all__ = ["write_result"]
+__all__ = ["write_files", "write_result"]
 
 
 def write_result(
@@ -49,6 +56,40 @@ def write_result(
             if perm:
                 save_permutation(perm, target / f"{name}.safetensors", protect=protect)
         atomic_write(target / "spec.json", lambda tmp: tmp.write_text(spec.to_json()))
+        write_provenance(target, command=command, config=config, inputs=inputs, report=report)
+        if fresh:
+            os.rename(target, out)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return out
+
+
+def write_files(
+    out: StrPath,
+    files: Mapping[str, Callable[[Path], object]],
+    *,
+    force: bool,
+    inputs: Mapping[str, StrPath],
+    command: list[str],
+    config: Mapping[str, Any],
+    report: Mapping[str, Any],
+) -> Path:
+    """Like :func:`write_result` for any files: ``files[name](path)`` writes ``out/name``.
+
+    The same all-or-nothing rules: a new ``out`` is assembled under a temporary name and renamed
+    into place; with ``force`` into an existing one each file is replaced atomically. Adds
+    ``provenance.json``; inputs are never overwritten.
+    """
+    out = prepare_output_dir(out, force=force, inputs=inputs.values(), create=False)
+    fresh = not out.exists()
+    target = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial") if fresh else out
+    target.mkdir(parents=True, exist_ok=not fresh)
+    try:
+        for name, writer in files.items():
+            check_not_input(target / name, inputs.values())
+            atomic_write(target / name, writer)
         write_provenance(target, command=command, config=config, inputs=inputs, report=report)
         if fresh:
             os.rename(target, out)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -139,9 +139,7 @@ def weight_matching(
                 continue  # its cost is what it was at its last visit, so the answer is too
             cost = costs.matrix(g)
             new_p = lap.solve(cost, backend=backend)
-            rows = torch.arange(len(new_p))
-            old = cost[rows, costs.perm[g]].double().sum().item()
-            new = cost[rows, new_p].double().sum().item()
+            old, new = _gain(cost, costs.perm[g], new_p)
             # Stopping rule: keep the LAP's answer only if it beats the current permutation by
             # more than `tol` (relative); ties and float noise keep the old one, so a sweep that
             # accepts nothing has converged.
@@ -181,10 +179,7 @@ def _start(
         check_permutation(spec, init)
         perm.update({k: v.long().cpu() for k, v in init.items()})
     else:
-        for g in spec.groups:
-            if g.size > 1:
-                fa, fb = _signature(g, a), _signature(g, b)
-                perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend=backend)
+        perm = signature_match(spec, a, b)
     b_perm = {k: _copy_of(permute_tensor(b[k], spec.axes_of(k), perm), b[k]) for k in spec.keys}
     if init is None:
         _, total = _objectives(spec, a, b_perm)
@@ -192,6 +187,21 @@ def _start(
         if total <= total_identity:
             perm, b_perm = identity(spec), {k: b[k].clone() for k in spec.keys}  # _Costs writes into it
     return perm, b_perm
+
+
+def signature_match(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Permutation:
+    """Pair each group's units by :func:`_signature` (nearest in squared distance), one LAP per group.
+
+    ``a`` and ``b`` may be lazy mappings: each tensor is read once per group that has a member on it.
+    """
+    perm = identity(spec)
+    for g in spec.groups:
+        if g.size > 1:
+            fa, fb = _signature(g, a), _signature(g, b)
+            # scipy, whatever the sweep's backend: lapjv is 2x slower on these dense distance costs
+            # (5 s vs 2.3 s at n=2048), which made this start most of a big model's first sweep.
+            perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend="scipy")
+    return perm
 
 
 def _signature(g: Group, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -240,19 +250,15 @@ class _Costs:
         for g in spec.groups:
             if g.size == 1:
                 continue
-            by_deps: dict[frozenset[str], _Term] = {}
-            for ax in g.members:
-                deps = frozenset(h for h, other in spec.axes_of(ax.key) if (h, other) != (g.name, ax))
-                term = by_deps.get(deps)
-                if term is None:
-                    # a self-coupled term depends on g's own permutation: recompute it every visit
-                    cached = g.name not in deps and budget >= 4 * g.size**2
-                    term = _Term(g.name, deps, [], cached)
-                    budget -= 4 * g.size**2 if cached else 0
-                    by_deps[deps] = term
-                    self.terms.setdefault(g.name, []).append(term)
-                term.members.append((ax, _unit_rows(a[ax.key], ax, g.size)))
-                self.watch.setdefault(ax.key, []).append((term, ax))
+            for deps, axes in term_layout(spec, g):
+                # a self-coupled term depends on g's own permutation: recompute it every visit
+                cached = g.name not in deps and budget >= 4 * g.size**2
+                term = _Term(g.name, deps, [], cached)
+                budget -= 4 * g.size**2 if cached else 0
+                self.terms.setdefault(g.name, []).append(term)
+                for ax in axes:
+                    term.members.append((ax, _unit_rows(a[ax.key], ax, g.size)))
+                    self.watch.setdefault(ax.key, []).append((term, ax))
 
     def matrix(self, g: str) -> torch.Tensor:
         """``C[i, j] = Σ ⟨A's unit i, B's unit j⟩`` (other groups applied), as a CPU float32 matrix."""
@@ -261,7 +267,8 @@ class _Costs:
         for term in self.terms[g]:
             value = term.value
             if value is None or not term.cached:
-                value = _cost_matrix(n, term.members, self.b, self.perm[g])
+                pairs = ((a, _unit_rows(self.b[ax.key], ax, n)) for ax, a in term.members)
+                value = _cost_matrix(n, pairs, self.perm[g])
                 term.value = value if term.cached else None
             total += value.cpu()
         self.dirty[g] = False
@@ -301,17 +308,39 @@ class _Costs:
         self.perm[g] = new_p
 
 
-def _cost_matrix(
-    n: int, members: list[tuple[Axis, torch.Tensor]], b_cur: Mapping[str, torch.Tensor], p: torch.Tensor
-) -> torch.Tensor:
-    """``Σ_members A_g @ B_g.T`` with B's columns in B's own unit order (on A's device).
+def term_layout(spec: PermutationSpec, g: Group) -> list[tuple[frozenset[str], list[Axis]]]:
+    """``g``'s members grouped into cost terms by the other groups that permute them, in member order.
 
-    ``b_cur`` holds B permuted along *all* its axes, this group's included, so B's unit-major rows
-    come in the order ``p``; the columns are scattered back to B's own unit order at the end.
+    Both matchers (in memory and streamed) sum a group's cost term by term in this order, so a term
+    computed afresh is bit-identical in both.
     """
-    cost = torch.zeros(n, n, dtype=torch.float32, device=members[0][1].device)
-    for ax, a in members:
-        cost.addmm_(_f32(a), _f32(_unit_rows(b_cur[ax.key], ax, n)).T)
+    by_deps: dict[frozenset[str], list[Axis]] = {}
+    for ax in g.members:
+        deps = frozenset(h for h, other in spec.axes_of(ax.key) if (h, other) != (g.name, ax))
+        by_deps.setdefault(deps, []).append(ax)
+    return list(by_deps.items())
+
+
+def _gain(cost: torch.Tensor, cur: torch.Tensor, new_p: torch.Tensor) -> tuple[float, float]:
+    """The objective of the current and of the LAP's permutation under ``cost`` (float64 sums)."""
+    rows = torch.arange(len(new_p))
+    return cost[rows, cur].double().sum().item(), cost[rows, new_p].double().sum().item()
+
+
+def _cost_matrix(n: int, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], p: torch.Tensor) -> torch.Tensor:
+    """``Σ A_g @ B_g.T`` over ``(A's unit rows, B's unit rows)`` pairs, with B's columns in B's own
+    unit order (on the pairs' device).
+
+    B's rows come from B permuted along *all* its axes, this group's included, so they are in the
+    order ``p``; the columns are scattered back to B's own unit order at the end. ``pairs`` may be a
+    generator that reads each tensor only when it is needed.
+    """
+    cost: torch.Tensor | None = None
+    for a, b in pairs:
+        if cost is None:
+            cost = torch.zeros(n, n, dtype=torch.float32, device=a.device)
+        cost.addmm_(_f32(a), _f32(b).T)
+    assert cost is not None, "a cost term has at least one member"
     out = torch.empty_like(cost)
     out[:, p.to(cost.device)] = cost
     return out

@@ -1,0 +1,196 @@
+"""Loss and accuracy barriers on Fashion-MNIST: naive / aligned / aligned + BN reset / aligned + REPAIR.
+
+Run from the repository root (needs Fashion-MNIST: ``apt-get install dataset-fashion-mnist``)::
+
+    nohup python benchmarks/barriers.py [--threads 2] [--train-size 20000] [--epochs 1] > barriers.log 2>&1 &
+
+Prints ONE markdown table, measured in one run, and writes it (with the command line) to
+``benchmarks/results/barriers.md``; progress and a row per finished model go to stderr.
+
+Models, each trained from seeds 0 and 1 and cached in ``benchmarks/_cache`` (later runs load):
+
+* VGG-style CNN (``models.VGG``) with BatchNorm and the same VGG without any normalisation,
+  widths 32-32-64-64 (x1, the default) and 64-64-128-128 (x2);
+* ResNet-20 with BatchNorm and with LayerNorm (``norm="ln"``: ``GroupNorm(1, C)``), x1 (16-32-64)
+  and x2 (32-64-128);
+* a deep MLP 784-256x8-10.
+
+Training is sized for a 2-core CPU: the CNNs see ``--train-size`` images (the first ones of the
+training set) for ``--epochs`` passes -- far less than a converged model (BENCHMARKING.md uses 3
+epochs of 60k for the VGG) -- and the MLP sees the whole training set for ``--mlp-epochs``
+passes. Normalised CNNs use the ``sgd`` recipe of ``common.py`` (one-cycle, peak lr 0.05); the
+VGG without normalisation and the MLP use ``adam`` (lr 1e-3), since SGD at lr 0.05 is unstable
+without normalisation.
+
+Per model, on the first ``--test-size`` test images, with an ``--alphas``-point grid:
+
+* **naive**: ``(1-α)·A + α·B`` as trained (BN running statistics interpolated, not re-estimated);
+* **aligned**: B weight-matched to A (``permerge.align``), same interpolation. Weight matching's
+  coordinate descent can stop in a poor local optimum on deep nets (on the 8x256 MLP, seed 0
+  reached objective 466 and an aligned barrier of 0.75, seed 1 478 and 0.33), so we run it from
+  ``--wm-restarts`` seeds and keep the permutation with the highest matching objective -- chosen
+  without data, never by barrier;
+* **+BN reset**: aligned, BatchNorm statistics re-estimated at every α, endpoints included (BN
+  models only), on ``--stats-batches`` batches of 100 training images;
+* **+REPAIR**: aligned + ``permerge.repair`` at every α, on the same training batches;
+* **REPAIR vs aligned**: relative change of the loss barrier, ``REPAIR / aligned - 1`` (for BN
+  nets relative to the BN-reset barrier too, the fair baseline there).
+
+Barriers follow Git Re-Basin: the worst excess of the loss (deficit of the accuracy) over the
+straight line between the endpoints' values; they are computed by ``permerge.evaluate``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see BENCHMARKING.md
+
+import argparse
+import datetime
+import logging
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "src")]  # this checkout's permerge and common.py
+
+from common import cached_model, load_fashion_mnist, num_params, train  # noqa: E402
+
+import permerge  # noqa: E402
+from permerge.demo import compare_curves, has_batchnorm  # noqa: E402
+from permerge.models import MLP, VGG, ResNet20  # noqa: E402
+
+LOG = logging.getLogger("benchmarks.barriers")
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    label: str
+    factory: Callable[[], nn.Module]
+    recipe: str
+    cnn: bool = True
+
+
+SPECS = [
+    Spec("mlp8x256", "MLP 784-256x8-10", partial(MLP, hidden=(256,) * 8), "adam", cnn=False),
+    Spec("vgg-bn-x1", "VGG 32-32-64-64 + BN", partial(VGG, (32, 32, 64, 64), norm="bn"), "sgd"),
+    Spec("vgg-none-x1", "VGG 32-32-64-64, no norm", partial(VGG, (32, 32, 64, 64), norm="none"), "adam"),
+    Spec("resnet20-bn-x1", "ResNet-20 x1 + BN", partial(ResNet20, 1, norm="bn"), "sgd"),
+    Spec("resnet20-ln-x1", "ResNet-20 x1 + LN", partial(ResNet20, 1, norm="ln"), "sgd"),
+    Spec("vgg-bn-x2", "VGG 64-64-128-128 + BN", partial(VGG, (64, 64, 128, 128), norm="bn"), "sgd"),
+    Spec("vgg-none-x2", "VGG 64-64-128-128, no norm", partial(VGG, (64, 64, 128, 128), norm="none"), "adam"),
+    Spec("resnet20-bn-x2", "ResNet-20 x2 + BN", partial(ResNet20, 2, norm="bn"), "sgd"),
+    Spec("resnet20-ln-x2", "ResNet-20 x2 + LN", partial(ResNet20, 2, norm="ln"), "sgd"),
+]
+ORDER = [s.name for s in SPECS]  # cheap ones first, so an interrupted run has the x1 rows
+DISPLAY = ["mlp8x256", "vgg-bn-x1", "vgg-bn-x2", "vgg-none-x1", "vgg-none-x2",
+           "resnet20-bn-x1", "resnet20-bn-x2", "resnet20-ln-x1", "resnet20-ln-x2"]  # fmt: skip
+
+
+def load_pair(spec: Spec, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
+    n, epochs = (len(x), args.mlp_epochs) if not spec.cnn else (args.train_size, args.epochs)
+
+    def fit(model: nn.Module, seed: int) -> nn.Module:
+        return train(model, x[:n], y[:n], recipe=spec.recipe, seed=seed, epochs=epochs, threads=args.threads, quiet=True)
+
+    key = {"recipe": spec.recipe, "epochs": epochs, "n": n, "bs": 128}
+    return tuple(cached_model(f"barriers-{spec.name}", spec.factory, s, fit, key=key) for s in (0, 1))  # type: ignore[return-value]
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v + 0.0:.1f}"
+
+
+def _rel(new: float, old: float) -> str:
+    return "n/a" if old <= 1e-9 else f"{100 * (new / old - 1) + 0.0:+.0f}%"
+
+
+def row(spec: Spec, a: nn.Module, curves: dict[str, Any], seconds: float) -> str:
+    def cell(k: str) -> str:
+        if k not in curves:
+            return "—"
+        return f"{curves[k].loss_barrier + 0.0:.3f} / {_pct(curves[k].accuracy_barrier)}"
+
+    acc = curves["naive"].values["data"]["accuracy"]
+    rep, ali = curves["aligned+REPAIR"].loss_barrier, curves["aligned"].loss_barrier
+    vs_bn = _rel(rep, curves["aligned+BN reset"].loss_barrier) if "aligned+BN reset" in curves else "—"
+    return (f"| {spec.label} | {num_params(a) / 1e3:.0f}k | {_pct(acc[0])} / {_pct(acc[-1])} | {cell('naive')} | "
+            f"{cell('aligned')} | {cell('aligned+BN reset')} | {cell('aligned+REPAIR')} | {_rel(rep, ali)} | {vs_bn} | "
+            f"{seconds:.0f} |")  # fmt: skip
+
+
+HEADER = (
+    "| model | params | test acc A / B (%) | naive: loss / acc barrier | aligned | aligned + BN reset | "
+    "aligned + REPAIR | REPAIR vs aligned (loss barrier) | REPAIR vs BN reset | eval s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-size", type=int, default=20000, help="training images for the CNNs")
+    p.add_argument("--epochs", type=int, default=1, help="passes over --train-size images for the CNNs")
+    p.add_argument("--mlp-epochs", type=int, default=5, help="passes over all 60k images for the MLP")
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--stats-batches", type=int, default=10, help="batches of 100 training images for BN reset / REPAIR")
+    p.add_argument("--alphas", type=int, default=5, help="α grid points (odd, so 0.5 is on it)")
+    p.add_argument("--wm-restarts", type=int, default=3, help="weight-matching seeds; the best objective is kept")
+    p.add_argument("--models", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("permerge").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    by_name = {s.name: s for s in SPECS}
+    wanted = [by_name[n] for n in args.models.split(",")]
+    x, y = load_fashion_mnist("train")
+    xt, yt = load_fashion_mnist("test")
+    test = [(xt[i : i + 500], yt[i : i + 500]) for i in range(0, args.test_size, 500)]
+    stats = [(x[i : i + 100], y[i : i + 100]) for i in range(len(x) - 100 * args.stats_batches, len(x), 100)]
+    rows: dict[str, str] = {}
+    start = time.perf_counter()
+    for spec in wanted:
+        t0 = time.perf_counter()
+        a, b = load_pair(spec, x, y, args)
+        t1 = time.perf_counter()
+        runs = [permerge.align(a, b, x[:2], seed=s, quiet=True) for s in range(args.wm_restarts)]
+        objectives = [r.report["total_after"] for r in runs]
+        best = max(range(len(runs)), key=objectives.__getitem__)
+        LOG.info("%s: weight-matching objective per seed %s; using seed %d", spec.name,
+                 [round(o, 2) for o in objectives], best)  # fmt: skip
+        curves = compare_curves(a, b, test, x[:2], aligned=runs[best].model, stats_data=stats,
+                                bn_batches=args.stats_batches, repair_batches=args.stats_batches, alphas=args.alphas)  # fmt: skip
+        rows[spec.name] = row(spec, a, curves, time.perf_counter() - t1)
+        LOG.info("%s (train/load %.0f s, BN %s):\n%s", spec.name, t1 - t0, has_batchnorm(a), rows[spec.name])
+    table = HEADER + "\n" + "\n".join(rows[n] for n in DISPLAY if n in rows)
+    print(table)
+    cmd = shlex.join(["python", "benchmarks/barriers.py", *sys.argv[1:]])
+    note = (
+        f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch "
+        f"{torch.__version__}, {args.threads} threads; {time.perf_counter() - start:.0f} s in all. CNNs trained on the "
+        f"first {args.train_size} Fashion-MNIST training images for {args.epochs} epoch(s), the MLP on all 60k for "
+        f"{args.mlp_epochs}; weight matching: best objective of {args.wm_restarts} seeds; barriers on the first {args.test_size} test images, {args.alphas}-point α grid; BN reset "
+        f"and REPAIR on {args.stats_batches} batches of 100 training images (from the end of the training set).\n"
+        "Cells are loss barrier / accuracy barrier (percentage points). 'REPAIR vs ...' is the relative change of "
+        "the loss barrier (negative = REPAIR lowers it)."
+    )
+    out = HERE / "results" / "barriers.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(f"# Barriers: naive / aligned / BN reset / REPAIR\n\n```\n{cmd}\n```\n\n{table}\n\n{note}\n")
+    LOG.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The demo behind ``permerge demo``: Git Re-Basin's headline result in under a minute on a laptop CPU.
+
+On scikit-learn's bundled digits (1,797 8×8 images; nothing is downloaded) it trains two copies
+of a small MLP — and of a small CNN without normalisation — from different seeds, aligns the
+second to the first by weight matching, and measures the test loss and accuracy barriers of the
+straight line between them three ways: naive averaging, after weight matching, and after weight
+matching + REPAIR. It writes one figure per model and every curve as JSON and CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from permerge.align import align
+from permerge.errors import PermergeError
+from permerge.evaluate import Curve, interpolation_curve
+from permerge.models import MLP, VGG
+from permerge.repair import repair_transform
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["DEMO_MODELS", "DemoModel", "DemoResult", "DemoRow", "compare_curves", "curves_csv", "digits", "format_table", "run_demo"]
+
+LABELS = ("naive", "weight-matched", "weight-matched + REPAIR")
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A demo architecture and how long to train it (``quick_epochs`` for tests)."""
+
+    description: str
+    factory: Callable[[], nn.Module]
+    epochs: int
+    quick_epochs: int
+    lr: float = 1e-3
+
+
+DEMO_MODELS: dict[str, DemoModel] = {
+    "mlp": DemoModel("MLP 64-128-128-128-128-10", lambda: MLP(64, (128,) * 4, 10), epochs=15, quick_epochs=2),
+    "cnn": DemoModel(
+        "CNN conv 16-16-32-32, no norm",
+        lambda: VGG((16, 16, 32, 32), num_classes=10, in_channels=1, norm="none", image_size=8),
+        epochs=10,
+        quick_epochs=1,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One model's results: endpoint test accuracies and (loss, accuracy) barrier per label."""
+
+    model: str
+    description: str
+    accuracy_a: float
+    accuracy_b: float
+    barriers: Mapping[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    rows: tuple[DemoRow, ...]
+    curves: Mapping[str, Mapping[str, Curve]]  # model → label → curve
+    out: Path
+    seconds: float
+
+
+def digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits as standardised ``(N, 1, 8, 8)`` images: train x, y, test x, y."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise PermergeError("the demo needs scikit-learn (its bundled digits data): pip install 'permerge[demo]'") from e
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(x) * test_fraction)
+    tr, te = order[n_test:], order[:n_test]
+    mean, std = x[tr].mean(), x[tr].std()
+    x = (x - mean) / std
+    return x[tr], y[tr], x[te], y[te]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def compare_curves(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    data: Iterable[Any] | Mapping[str, Iterable[Any]],
+    example_inputs: Any,
+    *,
+    align_method: str | None = "weight",
+    aligned: nn.Module | None = None,
+    stats_data: Iterable[Any] | None = None,
+    bn_batches: int = 10,
+    repair: bool = True,
+    repair_batches: int = 10,
+    alphas: int | Sequence[float] = 11,
+    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    seed: int = 0,
+    labels: Mapping[str, str] | None = None,
+) -> dict[str, Curve]:
+    """The curves of a barrier study: naive, aligned, aligned + BN reset, aligned + REPAIR.
+
+    ``"naive"`` interpolates A and B as given; ``"aligned"`` after aligning B to A with
+    ``align_method``, or uses ``aligned`` (B already aligned) when given (skipped when both are
+    None: the later curves then start from the naive pair);
+    ``"aligned+BN reset"`` re-estimates BatchNorm statistics at every α on ``bn_batches`` batches
+    of ``stats_data`` (only for models with BatchNorm and ``bn_batches > 0``); ``"aligned+REPAIR"``
+    applies :func:`~permerge.repair.repair` at every α on ``repair_batches`` batches of
+    ``stats_data`` (default: ``data``). ``labels`` renames the keys. Models are not modified.
+    """
+    names = {"naive": "naive", "aligned": "aligned", "bn": "aligned+BN reset", "repair": "aligned+REPAIR"}
+    names.update(labels or {})
+    if isinstance(data, Mapping):
+        stats = stats_data if stats_data is not None else next(iter(data.values()))
+    else:
+        stats = stats_data if stats_data is not None else data
+    curves = {names["naive"]: interpolation_curve(model_a, model_b, data, loss_fn, alphas=alphas)}
+    base = model_b
+    if aligned is not None or align_method is not None:
+        base = aligned if aligned is not None else align(model_a, model_b, example_inputs, align_method, seed=seed,
+                                                         quiet=True).model  # fmt: skip
+        curves[names["aligned"]] = interpolation_curve(model_a, base, data, loss_fn, alphas=alphas)
+    if bn_batches > 0 and has_batchnorm(model_a):
+        curves[names["bn"]] = interpolation_curve(model_a, base, data, loss_fn, alphas=alphas, bn_reset=stats,
+                                                  bn_batches=bn_batches)  # fmt: skip
+    if repair:
+        fix = repair_transform(model_a, base, stats, batches=repair_batches)
+        curves[names["repair"]] = interpolation_curve(model_a, base, data, loss_fn, alphas=alphas, transform=fix)
+    return curves
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int,
+           bar: tqdm) -> nn.Module:  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - 31, 32):
+            idx = order[i : i + 32]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+def format_table(rows: Sequence[DemoRow]) -> str:
+    """A markdown table: per model, the loss and accuracy barrier for each label."""
+    head = "| model | acc A / B | " + " | ".join(f"{label}: loss / acc barrier" for label in LABELS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(LABELS))]
+    for r in rows:
+        cells = [f"{r.barriers[label][0] + 0.0:.3f} / {100 * r.barriers[label][1] + 0.0:.1f} pt" for label in LABELS]
+        lines.append(f"| {r.description} | {100 * r.accuracy_a:.1f}% / {100 * r.accuracy_b:.1f}% | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path = "permerge-demo",
+    *,
+    models: Sequence[str] = ("mlp", "cnn"),
+    quick: bool = False,
+    seed: int = 0,
+    alphas: int = 11,
+    force: bool = False,
+    quiet: bool = False,
+    command: Sequence[str] | None = None,
+) -> DemoResult:
+    """Train two seeds of each demo model on digits, align, measure barriers, write results to ``out``.
+
+    Writes ``out/<model>.png`` (loss and accuracy vs α for the three curves), ``out/curves.json``,
+    ``out/curves.csv``, ``out/barriers.md`` (the table) and ``out/provenance.json``, all or
+    nothing; ``out`` must be new or empty unless ``force``. Seeds ``seed`` and ``seed + 1``.
+    """
+    from permerge.io.write import prepare_output_dir
+
+    unknown = [m for m in models if m not in DEMO_MODELS]
+    if unknown:
+        raise PermergeError(f"unknown demo model(s) {unknown}; choose from {', '.join(DEMO_MODELS)}")
+    prepare_output_dir(out, force=force, inputs=[], create=False)  # fail before training
+    _plot_check()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these models are tiny: extra threads cost more than they bring (2x measured)
+    try:
+        return _run(out, models, quick, seed, alphas, force, quiet, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas: int, force: bool, quiet: bool,
+         command: Sequence[str] | None) -> DemoResult:  # fmt: skip
+    from permerge.io.outputs import write_files
+    from permerge.plot import plot_curves
+
+    start = time.perf_counter()
+    x, y, xt, yt = digits(seed)
+    train_batches, test = _batches(x, y, 256), _batches(xt, yt, 512)
+    rows, curves = [], {}
+    total = sum(2 * (DEMO_MODELS[m].quick_epochs if quick else DEMO_MODELS[m].epochs) for m in models)
+    with tqdm(total=total, desc="training", unit="epoch", disable=quiet, file=sys.stderr) as bar:
+        trained = {}
+        for name in models:
+            spec = DEMO_MODELS[name]
+            epochs = spec.quick_epochs if quick else spec.epochs
+            pair = []
+            for s in (seed, seed + 1):
+                bar.set_description(f"training {name} (seed {s})")
+                torch.manual_seed(s)
+                pair.append(_train(spec.factory(), x, y, epochs=epochs, lr=spec.lr, seed=s, bar=bar))
+            trained[name] = pair
+    for name in models:
+        a, b = trained[name]
+        model_curves = compare_curves(a, b, test, x[:2], stats_data=train_batches, alphas=alphas, seed=seed,
+                                      labels={"aligned": LABELS[1], "repair": LABELS[2]})  # fmt: skip
+        curves[name] = model_curves
+        first = model_curves[LABELS[0]].values["data"]["accuracy"]
+        rows.append(DemoRow(name, DEMO_MODELS[name].description, first[0], first[-1],
+                            {k: (c.loss_barrier, c.accuracy_barrier) for k, c in model_curves.items()}))  # fmt: skip
+        LOG.info("%s: %s", name, rows[-1].barriers)
+    table = format_table(rows)
+    files: dict[str, Callable[[Path], object]] = {
+        f"{name}.png": (lambda p, c=c, t=DEMO_MODELS[name].description: plot_curves(c, p, title=f"{t}: digits", format="png"))
+        for name, c in curves.items()
+    }
+    files["curves.json"] = lambda p: p.write_text(_curves_json(curves))
+    flat = {f"{m}/{label}": c for m, cs in curves.items() for label, c in cs.items()}
+    files["curves.csv"] = lambda p: p.write_text(curves_csv(flat))
+    files["barriers.md"] = lambda p: p.write_text(table + "\n")
+    seconds = time.perf_counter() - start
+    report = {"table": table, "barriers": {r.model: r.barriers for r in rows}, "seconds": seconds}
+    config = {"models": list(models), "quick": quick, "seed": seed, "alphas": alphas}
+    path = write_files(out, files, force=force, inputs={}, command=list(command or sys.argv), config=config, report=report)
+    return DemoResult(tuple(rows), curves, path, seconds)
+
+
+def _plot_check() -> None:
+    from permerge.plot import _matplotlib
+
+    _matplotlib()  # raise the install hint before minutes of training
+
+
+def _curves_json(curves: Mapping[str, Mapping[str, Curve]]) -> str:
+    return json.dumps({m: {label: c.to_dict() for label, c in cs.items()} for m, cs in curves.items()}, indent=1) + "\n"
+
+
+def curves_csv(curves: Mapping[str, Curve]) -> str:
+    """Several curves as one CSV: a ``curve`` column (the label), then :meth:`Curve.to_csv`'s columns."""
+    out = io.StringIO()
+    w = csv.writer(out)
+    for i, (label, c) in enumerate(curves.items()):
+        rows = list(csv.reader(io.StringIO(c.to_csv())))
+        if i == 0:
+            w.writerow(["curve", *rows[0]])
+        w.writerows([label, *row] for row in rows[1:])
+    return out.getvalue()

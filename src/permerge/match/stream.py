@@ -1,0 +1,275 @@
+"""Streamed weight matching: the coordinate descent of :mod:`permerge.match.weight` over lazy sources.
+
+Nothing is held for the whole run but the permutation: each group visit reads the tensors it needs
+from A and B one at a time (upcast to float32 per tensor), permutes that B tensor by the current
+permutation, adds its term to the group's cost in place and drops it. Peak memory is one group's
+cost matrix plus the largest tensor of each model a few times over (its float32 copy and unit-row
+view), never two whole models; see ``benchmarks/results/big_models.md``.
+
+The semantics are those of :func:`~permerge.match.weight.weight_matching`: the same start (the
+better of the identity and the signature match), the same seeded visit order, the same skipping of
+groups whose cost cannot have changed, the same stopping rule, and the same arithmetic for every
+cost term (shared helpers), so both give the same permutation. The in-memory matcher updates cached
+terms by low-rank corrections where this one recomputes them; the two costs then differ by float
+rounding only (a tie within that would be the only way to part).
+
+``workers > 1`` solves the LAPs of consecutive, independent groups of the visit order (no tensor in
+common, e.g. the MLP and attention groups of every layer once the residual group is visited) in a
+thread pool while the next costs are computed. A group's cost depends only on the groups sharing a
+tensor with it, so the result is identical to the sequential order. scipy's and lap's solvers
+release the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import MappingProxyType
+
+import torch
+from tqdm.auto import tqdm
+
+from permerge.apply import permute_tensor
+from permerge.errors import StateDictMismatchError
+from permerge.io.read import TensorSource
+from permerge.match import lap
+from permerge.match.weight import (
+    WeightMatchingResult,
+    _cost_matrix,
+    _gain,
+    _objectives,
+    _unit_rows,
+    signature_match,
+    term_layout,
+)
+from permerge.permutation import Permutation, check_permutation, identity
+from permerge.spec import PermutationSpec
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["stream_weight_matching"]
+
+
+def stream_weight_matching(
+    spec: PermutationSpec,
+    a: TensorSource,
+    b: TensorSource,
+    *,
+    seed: int = 0,
+    max_sweeps: int = 100,
+    init: Mapping[str, torch.Tensor] | None = None,
+    backend: str = "auto",
+    tol: float = 1e-12,
+    quiet: bool = False,
+    device: torch.device | str | None = None,
+    workers: int = 1,
+) -> WeightMatchingResult:
+    """:func:`~permerge.match.weight.weight_matching` reading A and B lazily, one tensor at a time.
+
+    Args:
+        spec: the groups to permute; its keys must be in both sources (same shapes).
+        a, b: lazy tensor sources (:func:`~permerge.io.stream.open_unmapped` keeps RSS bounded);
+            neither is modified.
+        seed, max_sweeps, init, backend, tol, quiet: as for ``weight_matching``.
+        device: where the cost matmuls run (e.g. ``"cuda"``); tensors are moved there one at a time,
+            costs come back through pinned host memory. LAPs run on the CPU.
+        workers: threads solving LAPs of independent groups concurrently (1: sequential). The
+            result does not depend on it.
+
+    Returns:
+        A :class:`~permerge.match.weight.WeightMatchingResult`.
+
+    Example:
+        >>> from permerge.io.stream import open_unmapped
+        >>> with open_unmapped("a_dir") as a, open_unmapped("b_dir") as b:  # doctest: +SKIP
+        ...     res = stream_weight_matching(spec, a, b, workers=8)
+    """
+    start = time.perf_counter()
+    _validate(spec, a, b)
+    backend = lap.resolve_backend(backend)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    dev = torch.device("cpu" if device is None else device)
+    la = _Lazy(spec, a, dev, check=True)  # the first pass reads every tensor: check it is finite
+    before, total_before = _objectives(spec, la, _Lazy(spec, b, dev, check=True))
+    la.check = False
+    if init is not None:
+        check_permutation(spec, init)
+        perm = identity(spec) | {k: v.long().cpu() for k, v in init.items()}
+        objective = _objectives(spec, la, _Lazy(spec, b, dev, perm))[1]
+    else:
+        perm = signature_match(spec, la, _Lazy(spec, b, dev))
+        objective = _objectives(spec, la, _Lazy(spec, b, dev, perm))[1]
+        LOG.debug("start: identity %.6g, signature match %.6g", total_before, objective)
+        if objective <= total_before:
+            perm, objective = identity(spec), total_before
+    visit = _Visitor(spec, la, _Lazy(spec, b, dev, perm), perm, dev)
+    todo = [g.name for g in spec.groups if g.size > 1]
+    gen = torch.Generator().manual_seed(seed)
+    sweeps, converged = 0, False
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="permerge-lap") if workers > 1 else None
+    try:
+        for sweeps in tqdm(
+            range(1, max_sweeps + 1),
+            desc="weight matching (streamed)",
+            disable=quiet or not sys.stderr.isatty(),
+        ):
+            changed = 0
+            order = [todo[k] for k in torch.randperm(len(todo), generator=gen).tolist()]
+            for batch in visit.batches(order, workers):
+                solving: list[tuple[str, torch.Tensor, Future[torch.Tensor] | None]] = []
+                for g in batch:  # costs in the main thread; LAPs of earlier ones already running
+                    cost = visit.matrix(g)
+                    fut = pool.submit(lap.solve, cost, backend=backend) if pool else None
+                    solving.append((g, cost, fut))
+                for g, cost, fut in solving:
+                    new_p = fut.result() if fut else lap.solve(cost, backend=backend)
+                    old, new = _gain(cost, perm[g], new_p)
+                    if new > old + tol * abs(old):  # the stopping rule of weight_matching
+                        visit.move(g, new_p)
+                        changed, objective = changed + 1, objective + new - old
+            LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
+            if not changed:
+                converged = True
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    after, total_after = _objectives(spec, la, _Lazy(spec, b, dev, perm))
+    seconds = time.perf_counter() - start
+    LOG.info(
+        "streamed weight matching: objective %.6g -> %.6g in %d sweeps (%.2f s, %s)",
+        total_before, total_after, sweeps, seconds, "converged" if converged else "max_sweeps reached",
+    )  # fmt: skip
+    return WeightMatchingResult(
+        dict(perm), sweeps, converged, MappingProxyType(before), MappingProxyType(after),
+        total_before, total_after, backend, seconds,
+    )  # fmt: skip
+
+
+class _Lazy(Mapping[str, torch.Tensor]):
+    """``key → source[key]`` on ``dev``, permuted by ``perm`` (read live) if given; nothing cached
+    but the last tensor, so consecutive members on one tensor read it once."""
+
+    def __init__(
+        self, spec: PermutationSpec, source: TensorSource, dev: torch.device,
+        perm: Mapping[str, torch.Tensor] | None = None, *, check: bool = False,
+    ) -> None:  # fmt: skip
+        self.spec, self.source, self.dev, self.perm, self.check = spec, source, dev, perm, check
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        self._last = None  # drop the previous tensor before reading the next
+        t = self.source.get(key).to(self.dev)
+        if self.check and t.is_floating_point() and not torch.isfinite(t).all():
+            raise StateDictMismatchError(
+                f"non-finite (NaN or inf) weights in {self.source.path}[{key!r}]; fix or drop that checkpoint before matching"
+            )
+        if self.perm is not None:
+            t = permute_tensor(t, self.spec.axes_of(key), self.perm)
+        self._last = (key, t)
+        return t
+
+    def forget(self) -> None:
+        self._last = None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spec.keys)
+
+    def __len__(self) -> int:
+        return len(self.spec.keys)
+
+
+class _Visitor:
+    """Group visits over lazy sources: costs, moves, and which groups a move makes stale.
+
+    The bookkeeping mirrors ``weight._Costs``: moving ``g`` marks stale every other group with a
+    member on one of ``g``'s tensors, and ``g`` itself when it has two axes on one tensor.
+    """
+
+    def __init__(
+        self, spec: PermutationSpec, a: _Lazy, b_cur: _Lazy, perm: Permutation, dev: torch.device
+    ) -> None:
+        self.spec, self.a, self.b, self.perm, self.dev = spec, a, b_cur, perm, dev
+        self.layout = {g.name: term_layout(spec, g) for g in spec.groups if g.size > 1}
+        self.keys = {g.name: frozenset(ax.key for ax in g.members) for g in spec.groups}
+        readers: dict[str, set[str]] = {}
+        for g in spec.groups:
+            for ax in g.members:
+                readers.setdefault(ax.key, set()).add(g.name)
+        self.affects: dict[str, frozenset[str]] = {}
+        for g in spec.groups:
+            others = {h for k in self.keys[g.name] for h in readers[k]} - {g.name}
+            coupled = len(g.members) > len(self.keys[g.name])  # two axes on one tensor
+            self.affects[g.name] = frozenset(others | ({g.name} if coupled else set()))
+        self.dirty = {g.name: True for g in spec.groups}
+
+    def batches(self, order: list[str], size: int) -> Iterator[list[str]]:
+        """Runs of at most ``size`` stale groups of ``order`` that share no tensor, in order.
+
+        Lazy: each run is formed after the previous one's moves, so staleness is current.
+        """
+        i = 0
+        while i < len(order):
+            batch: list[str] = []
+            used: set[str] = set()
+            while i < len(order) and len(batch) < size and not (self.keys[order[i]] & used):
+                g = order[i]
+                i += 1
+                if self.dirty[g]:  # else its cost is what it was at its last visit, so the answer is too
+                    batch.append(g)
+                    used |= self.keys[g]
+            if batch:
+                yield batch
+
+    def matrix(self, g: str) -> torch.Tensor:
+        """Group ``g``'s cost, term by term as ``weight._Costs.matrix`` sums it; a CPU float32 matrix."""
+        n = self.spec[g].size
+        total = torch.zeros(n, n, device=self.dev)
+        p = self.perm[g]
+        for _, axes in self.layout[g]:
+            pairs = ((_unit_rows(self.a[ax.key], ax, n), _unit_rows(self.b[ax.key], ax, n)) for ax in axes)
+            total += _cost_matrix(n, pairs, p)
+        self.a.forget()
+        self.b.forget()
+        self.dirty[g] = False
+        return _to_host(total)
+
+    def move(self, g: str, new_p: torch.Tensor) -> None:
+        self.perm[g] = new_p
+        for h in self.affects[g]:
+            self.dirty[h] = True
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU; from a GPU through pinned memory (pageable copies were ~40× slower)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host
+
+
+def _validate(spec: PermutationSpec, a: TensorSource, b: TensorSource) -> None:
+    """Raise before any tensor is read unless A and B hold the same keys and shapes (from headers)."""
+    only_a, only_b = sorted(set(a.keys()) - set(b.keys())), sorted(set(b.keys()) - set(a.keys()))
+    if only_a or only_b:
+        raise StateDictMismatchError(
+            f"checkpoints have different keys: only in A {only_a[:10]}, only in B {only_b[:10]}; "
+            "weight matching needs two models of the same architecture"
+        )
+    keys = a.keys()  # a TensorSource is not iterable
+    shapes = sorted(
+        f"{k}: {tuple(a.shape(k))} vs {tuple(b.shape(k))}" for k in keys if a.shape(k) != b.shape(k)
+    )
+    if shapes:
+        raise StateDictMismatchError(
+            f"checkpoints have different shapes: {shapes[:10]}; weight matching needs two models of the same "
+            "architecture and size"
+        )
+    spec.validate({k: a.shape(k) for k in spec.keys if k in a})

@@ -30,8 +30,9 @@ Per model:
 * **groups**: permerge's groups (and how many the matcher moved away from the identity); rebasin's
   permutations (``len(pcd.pinit.model_graph.permutation_to_info)`` after its
   ``enforce_identity``, which is what ``rebasin()`` iterates over).
-* **peak RSS**: the largest RSS increase while one timed alignment ran (sampled every 5 ms), per
-  tool; the process's ``getrusage`` peak is in the footer.
+* **peak ΔRSS**: the largest RSS increase during the warm-up alignment (sampled every 5 ms, after
+  handing freed memory back to the OS so the tool measured second cannot reuse the first one's
+  heap), per tool; the process's ``getrusage`` peak is in the footer.
 """
 
 from __future__ import annotations

@@ -10,11 +10,13 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from permerge.align import AlignResult, align
+from permerge.align_hf import align_hf
 from permerge.apply import apply_permutation
 from permerge.check import check_function_preserved, validate_spec
 from permerge.errors import FunctionNotPreservedError, PermergeError, SpecError, TraceError
 from permerge.graph import register_rule, trace
 from permerge.match import activation_matching, ste_matching, weight_matching
+from permerge.match.stream import stream_weight_matching
 from permerge.merge import interpolate, merge
 from permerge.merge.many import merge_many
 from permerge.merge.partial import partial_merge
@@ -26,12 +28,14 @@ __all__ = [
     "AlignResult",
     "activation_matching",
     "align",
+    "align_hf",
     "interpolate",
     "merge",
     "merge_many",
     "partial_merge",
     "pleas",
     "ste_matching",
+    "stream_weight_matching",
     "weight_matching",
     "Axis",
     "Frozen",

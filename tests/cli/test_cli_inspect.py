@@ -66,3 +66,15 @@ def test_readme_test_command_is_what_ci_runs():
     readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
     command = "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest -q -m \"not slow\""
     assert command in readme and command in ci
+
+
+def test_global_flags_also_after_the_subcommand(capsys):
+    import argparse
+
+    from permerge.cli import build_parser
+
+    args = build_parser().parse_args(["inspect", "mlp", "-q"])
+    assert args.quiet is True and args.verbose == 0
+    args = build_parser().parse_args(["-vv", "inspect", "mlp"])
+    assert args.verbose == 2 and args.quiet is False
+    assert isinstance(build_parser(), argparse.ArgumentParser)

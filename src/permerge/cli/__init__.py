@@ -20,13 +20,20 @@ LOG = logging.getLogger("permerge")
 COMMANDS = {"inspect": inspect_cmd, "align": align_cmd, "merge": merge_cmd, "barrier": barrier_cmd, "demo": demo_cmd}
 
 
+def _add_global_flags(p: argparse.ArgumentParser, default: object) -> None:
+    """-v/-q on the root and on every subcommand; SUPPRESS keeps a subparser from resetting them."""
+    p.add_argument("-v", "--verbose", action="count", default=0 if default is None else default,
+                   help="more logging (-vv: debug)")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true", default=False if default is None else default,
+                   help="only errors; no progress bars")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="permerge",
         description="Align and merge neural networks modulo permutation symmetries.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    _add_global_flags(parser, None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, mod in COMMANDS.items():
         p = sub.add_parser(
@@ -36,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=mod.EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        _add_global_flags(p, argparse.SUPPRESS)  # also accepted after the subcommand
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)
     return parser

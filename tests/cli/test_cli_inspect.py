@@ -68,13 +68,10 @@ def test_readme_test_command_is_what_ci_runs():
     assert command in readme and command in ci
 
 
-def test_global_flags_also_after_the_subcommand(capsys):
-    import argparse
-
+def test_global_flags_also_after_the_subcommand():
     from permerge.cli import build_parser
 
     args = build_parser().parse_args(["inspect", "mlp", "-q"])
     assert args.quiet is True and args.verbose == 0
     args = build_parser().parse_args(["-vv", "inspect", "mlp"])
     assert args.verbose == 2 and args.quiet is False
-    assert isinstance(build_parser(), argparse.ArgumentParser)

@@ -14,6 +14,7 @@ from permerge.align_hf import align_hf
 from permerge.apply import apply_permutation
 from permerge.check import check_function_preserved, validate_spec
 from permerge.errors import FunctionNotPreservedError, PermergeError, SpecError, TraceError
+from permerge.evaluate import Curve, interpolation_curve
 from permerge.graph import register_rule, trace
 from permerge.match import activation_matching, ste_matching, weight_matching
 from permerge.match.stream import stream_weight_matching
@@ -22,10 +23,18 @@ from permerge.merge.many import merge_many
 from permerge.merge.partial import partial_merge
 from permerge.merge.pleas import pleas
 from permerge.permutation import Permutation, identity, inverse, random_permutation
+from permerge.plot import plot_curves
+from permerge.repair import repair, repair_transform, reset_bn_stats
 from permerge.spec import Axis, Frozen, Group, PermutationSpec
 
 __all__ = [
     "AlignResult",
+    "Curve",
+    "interpolation_curve",
+    "plot_curves",
+    "repair",
+    "repair_transform",
+    "reset_bn_stats",
     "activation_matching",
     "align",
     "align_hf",

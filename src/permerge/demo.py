@@ -215,6 +215,7 @@ def run_demo(
 def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas: int, force: bool, quiet: bool,
          command: Sequence[str] | None) -> DemoResult:  # fmt: skip
     from permerge.io.outputs import write_files
+    from permerge.io.write import text_writer
     from permerge.plot import plot_curves
 
     start = time.perf_counter()
@@ -247,10 +248,10 @@ def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas:
         f"{name}.png": (lambda p, c=c, t=DEMO_MODELS[name].description: plot_curves(c, p, title=f"{t}: digits", format="png"))
         for name, c in curves.items()
     }
-    files["curves.json"] = lambda p: p.write_text(_curves_json(curves))
+    files["curves.json"] = text_writer(_curves_json(curves))
     flat = {f"{m}/{label}": c for m, cs in curves.items() for label, c in cs.items()}
-    files["curves.csv"] = lambda p: p.write_text(curves_csv(flat))
-    files["barriers.md"] = lambda p: p.write_text(table + "\n")
+    files["curves.csv"] = text_writer(curves_csv(flat))
+    files["barriers.md"] = text_writer(table + "\n")
     seconds = time.perf_counter() - start
     report = {"table": table, "barriers": {r.model: r.barriers for r in rows}, "seconds": seconds}
     config = {"models": list(models), "quick": quick, "seed": seed, "alphas": alphas}

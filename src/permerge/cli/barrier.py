@@ -21,7 +21,7 @@ from permerge.cli._models import add_model_arguments, load_model
 from permerge.demo import compare_curves, curves_csv
 from permerge.errors import PermergeError
 from permerge.io.outputs import write_files
-from permerge.io.write import prepare_output_dir
+from permerge.io.write import prepare_output_dir, text_writer
 from permerge.plot import plot_curves
 
 HELP = "loss/accuracy barrier between two checkpoints (naive, aligned, BN reset, REPAIR)"
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
                    "loss_midpoint_gap": c.midpoint_gap("loss")} for k, c in curves.items()}  # fmt: skip
     plot = f"barrier.{args.plot_format}"
     files = {
-        "curves.json": lambda p: p.write_text(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1) + "\n"),
-        "curves.csv": lambda p: p.write_text(curves_csv(curves)),
+        "curves.json": text_writer(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1) + "\n"),
+        "curves.csv": text_writer(curves_csv(curves)),
         plot: lambda p: plot_curves(curves, p, title=f"{args.a} → {args.b}", format=args.plot_format),
     }
     config = {k: v for k, v in vars(args).items() if k != "run"}

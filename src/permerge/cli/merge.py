@@ -14,17 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 from permerge.cli._checkpoints import data_from, load_into
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.errors import PermergeError
 from permerge.io.outputs import write_files, write_result
-from permerge.io.write import prepare_output_dir
+from permerge.io.write import permutation_writer, prepare_output_dir, safetensors_writer, text_writer
 from permerge.merge.combine import METHODS, MergeResult, merge_models
 
 HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS)"
@@ -107,18 +102,11 @@ def _write_widened(args: argparse.Namespace, inputs: dict[str, str], res: MergeR
     """The wider model has other shapes than the inputs: write it with its architecture description,
     all or nothing (safetensors written directly: the widened tensors are fresh, never shared)."""
 
-    def tensors(t: dict[str, torch.Tensor], meta: dict[str, str]) -> Callable[[Path], None]:
-        return lambda tmp: save_file({k: v.detach().contiguous().clone() for k, v in t.items()}, str(tmp),
-                                     metadata={"format": "pt", **meta})  # fmt: skip
-
-    def text(content: str) -> Callable[[Path], None]:
-        return lambda tmp: Path(tmp).write_text(content, encoding="utf-8") and None
-
     files = {
-        "model.safetensors": tensors(dict(res.model.state_dict()), {}),
-        "spec.json": text(res.spec.to_json()),
-        "architecture.json": text(json.dumps(res.architecture, indent=1) + "\n"),
+        "model.safetensors": safetensors_writer(res.model.state_dict()),
+        "spec.json": text_writer(res.spec.to_json()),
+        "architecture.json": text_writer(json.dumps(res.architecture, indent=1) + "\n"),
     }
     for i, perm in enumerate(res.permutations):
-        files[f"permutation_{i}.safetensors"] = tensors({g: p.to(torch.int64) for g, p in perm.items()}, {"permerge": "permutation"})
+        files[f"permutation_{i}.safetensors"] = permutation_writer(perm)
     write_files(args.out, files, force=args.force, inputs=inputs, command=sys.argv, config=config, report=res.report)

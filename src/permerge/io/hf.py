@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from permerge.errors import PermergeError, PermergeIOError
 from permerge.io.outputs import write_files
 from permerge.io.read import SUPPORTED_SUFFIXES, StrPath, TensorSource
 from permerge.io.stream import INDEX_NAME, permuted_producer, plan_write, shard_index, write_shard
+from permerge.io.write import permutation_writer, text_writer
 from permerge.spec import Frozen, Group, PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -203,16 +203,13 @@ def write_hf_model(
     files: dict[str, Any] = {s.name: partial(write_shard, shard=s, produce=produce) for s in shards}
     if len(shards) > 1:
         text = json.dumps(shard_index(shards), indent=2, sort_keys=True) + "\n"
-        files[INDEX_NAME] = partial(_write_text, text=text)
+        files[INDEX_NAME] = text_writer(text)
     for p in sorted(model_dir.iterdir()):
         if _is_extra_file(p) and p.name not in files:
             files[p.name] = partial(_copy, src=p)
-    files["config.json"] = partial(_write_text, text=_config_text(model_dir / "config.json", out_dtype))
-    vectors = {name: p.detach().to("cpu", torch.int64).contiguous() for name, p in perm.items()}
-    files["permutation.safetensors"] = partial(
-        _save, tensors=vectors, metadata={"permerge": "permutation", "format": "pt"}
-    )
-    files["spec.json"] = partial(_write_text, text=spec.to_json())
+    files["config.json"] = text_writer(_config_text(model_dir / "config.json", out_dtype))
+    files["permutation.safetensors"] = permutation_writer(perm)
+    files["spec.json"] = text_writer(spec.to_json())
     LOG.info("writing %d tensors in %d shard(s) to %s", len(source), len(shards), out)
     return write_files(
         out, files, force=force, inputs=inputs, command=list(command) if not isinstance(command, str) else [command],
@@ -238,13 +235,7 @@ def _config_text(path: Path, out_dtype: torch.dtype | None) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def _write_text(tmp: Path, text: str) -> None:
-    tmp.write_text(text, encoding="utf-8")
-
-
 def _copy(tmp: Path, src: Path) -> None:
     shutil.copyfile(src, tmp)
 
 
-def _save(tmp: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    save_file(tensors, tmp, metadata=metadata)

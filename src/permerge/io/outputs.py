@@ -20,9 +20,10 @@ from permerge.io.read import StrPath
 from permerge.io.write import (
     atomic_write,
     check_not_input,
+    permutation_writer,
     prepare_output_dir,
-    save_permutation,
-    save_state_dict,
+    safetensors_writer,
+    text_writer,
     write_provenance,
 )
 from permerge.spec import PermutationSpec
@@ -43,27 +44,11 @@ def write_result(
     report: Mapping[str, Any],
 ) -> Path:
     """Write ``<name>.safetensors`` per state dict, ``<name>.safetensors`` per permutation,
-    ``spec.json`` and ``provenance.json`` into ``out``; inputs are never overwritten."""
-    out = prepare_output_dir(out, force=force, inputs=inputs.values(), create=False)
-    fresh = not out.exists()
-    target = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial") if fresh else out
-    target.mkdir(parents=True, exist_ok=not fresh)
-    try:
-        protect = list(inputs.values())
-        for name, sd in state_dicts.items():
-            save_state_dict(sd, target / f"{name}.safetensors", protect=protect)
-        for name, perm in permutations.items():
-            if perm:
-                save_permutation(perm, target / f"{name}.safetensors", protect=protect)
-        atomic_write(target / "spec.json", lambda tmp: tmp.write_text(spec.to_json()))
-        write_provenance(target, command=command, config=config, inputs=inputs, report=report)
-        if fresh:
-            os.rename(target, out)
-    except BaseException:
-        if fresh:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    return out
+    ``spec.json`` and ``provenance.json`` into ``out`` (see :func:`write_files`)."""
+    files: dict[str, Callable[[Path], object]] = {f"{n}.safetensors": safetensors_writer(sd) for n, sd in state_dicts.items()}
+    files.update({f"{n}.safetensors": permutation_writer(p) for n, p in permutations.items() if p})
+    files["spec.json"] = text_writer(spec.to_json())
+    return write_files(out, files, force=force, inputs=inputs, command=command, config=config, report=report)
 
 
 def write_files(

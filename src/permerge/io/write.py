@@ -34,6 +34,9 @@ __all__ = [
     "atomic_write",
     "check_not_input",
     "load_permutation",
+    "permutation_writer",
+    "safetensors_writer",
+    "text_writer",
     "prepare_output_dir",
     "save_permutation",
     "save_state_dict",
@@ -203,6 +206,31 @@ def save_permutation(perm: Mapping[str, torch.Tensor], path: StrPath, *, protect
     """Write a permutation (group name → index vector) as int64 tensors in a ``.safetensors`` file, atomically."""
     vectors = {name: _check_index_vector(name, p, path).to(torch.int64) for name, p in perm.items()}
     return save_state_dict(vectors, path, {"permerge": "permutation"}, protect=protect)
+
+
+def safetensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Callable[[Path], None]:
+    """A writer for :func:`atomic_write` / ``write_files``: ``tensors`` as safetensors, tied tensors
+    cloned (see :func:`save_state_dict`), header ``{"format": "pt"}`` plus ``metadata``."""
+
+    def write(tmp: Path) -> None:
+        save_file(_packable(tensors, tmp), tmp, metadata={"format": "pt", **_check_metadata(metadata or {}, tmp)})
+
+    return write
+
+
+def permutation_writer(perm: Mapping[str, torch.Tensor]) -> Callable[[Path], None]:
+    """A writer for a permutation file (int64 index vectors, each checked to be a permutation)."""
+    vectors = {name: _check_index_vector(name, p, name).to(torch.int64) for name, p in perm.items()}
+    return safetensors_writer(vectors, {"permerge": "permutation"})
+
+
+def text_writer(text: str) -> Callable[[Path], None]:
+    """A writer for a UTF-8 text file."""
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return write
 
 
 def load_permutation(path: StrPath) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -196,18 +196,20 @@ class _TorchSource(TensorSource):
 
 
 class _ShardedSource(TensorSource):
-    """A shard index (``*.index.json``): each shard is opened on first use of one of its tensors."""
+    """A shard index (``*.index.json``): each shard is opened on first use of one of its tensors,
+    by ``open_shard`` (mmap'd safetensors by default; the streaming reader passes its own)."""
 
-    def __init__(self, index: Path) -> None:
+    def __init__(self, index: Path, open_shard: Callable[[Path], TensorSource] | None = None) -> None:
         self._weight_map = _read_index(index)
         self._shards: dict[str, TensorSource] = {}
+        self._open_shard = open_shard or _open_file
         super().__init__(index, tuple(self._weight_map))
 
     def _shard(self, key: str) -> TensorSource:
         name = self._weight_map[key]
         if name not in self._shards:
             LOG.debug("%s: opening shard %s", self.path, name)
-            self._shards[name] = _open_file(self.path.parent / name)
+            self._shards[name] = self._open_shard(self.path.parent / name)
         shard = self._shards[name]
         if key not in shard:
             raise PermergeIOError(

@@ -42,7 +42,7 @@ from permerge.io.read import (
     StrPath,
     TensorSource,
     _open_file,
-    _read_index,
+    _ShardedSource,
     open_checkpoint,
 )
 from permerge.spec import Axis, PermutationSpec
@@ -122,42 +122,8 @@ class _PreadSafetensors(TensorSource):
         os.close(self._fd)
 
 
-class _PreadSharded(TensorSource):
-    """A safetensors shard index; each shard is opened (header only) on first use."""
-
-    def __init__(self, index: Path) -> None:
-        self._weight_map = _read_index(index)
-        self._shards: dict[str, TensorSource] = {}
-        super().__init__(index, tuple(self._weight_map))
-
-    def _shard(self, key: str) -> TensorSource:
-        name = self._weight_map[key]
-        if name not in self._shards:
-            path = self.path.parent / name
-            self._shards[name] = (
-                _PreadSafetensors(path) if path.suffix == ".safetensors" else _open_file(path)
-            )
-        shard = self._shards[name]
-        if key not in shard:
-            raise PermergeIOError(
-                f"{self.path} maps {key!r} to shard {name}, which holds no such tensor; "
-                "the index and its shards do not match, re-download the checkpoint"
-            )
-        return shard
-
-    def _shape(self, key: str) -> torch.Size:
-        return self._shard(key).shape(key)
-
-    def _dtype(self, key: str) -> torch.dtype:
-        return self._shard(key).dtype(key)
-
-    def _get(self, key: str) -> torch.Tensor:
-        return self._shard(key).get(key)
-
-    def _close(self) -> None:
-        for shard in self._shards.values():
-            shard.close()
-        self._shards = {}
+def _open_shard_unmapped(path: Path) -> TensorSource:
+    return _PreadSafetensors(path) if path.suffix == ".safetensors" else _open_file(path)
 
 
 def open_unmapped(path: StrPath) -> TensorSource:
@@ -177,7 +143,7 @@ def open_unmapped(path: StrPath) -> TensorSource:
     if target.is_file() and target.suffix == ".safetensors":
         source: TensorSource = _PreadSafetensors(target)
     elif target.is_file() and target.name.endswith(".safetensors.index.json"):
-        source = _PreadSharded(target)
+        source = _ShardedSource(target, _open_shard_unmapped)
     else:
         return open_checkpoint(path)
     if not len(source):

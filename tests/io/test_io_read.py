@@ -11,27 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from bitexact import assert_bit_equal
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import permerge.io.read as read_mod
 from permerge.errors import PermergeError, PermergeIOError
 from permerge.io import checkpoint_hashes, file_sha256, load_state_dict, open_checkpoint
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bits, so NaN payloads and -0.0 compare exactly."""
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
-
-
-def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype, k
-        assert got[k].shape == want[k].shape, k
-        assert torch.equal(bits(got[k]), bits(want[k])), k
 
 
 def make_sd() -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bitexact import assert_bit_equal
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -27,20 +28,6 @@ from permerge.io import (
     save_state_dict,
     write_provenance,
 )
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(_INT_VIEW[t.element_size()])
-
-
-def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for k in want:
-        assert got[k].dtype == want[k].dtype, k
-        assert got[k].shape == want[k].shape, k
-        assert torch.equal(bits(got[k]), bits(want[k])), k
 
 
 def make_sd() -> dict[str, torch.Tensor]:

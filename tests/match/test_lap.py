@@ -76,7 +76,7 @@ def test_unknown_backend_lists_available():
 
 def test_uninstalled_backend_says_how_to_install(monkeypatch):
     monkeypatch.setattr(lap, "available_backends", lambda: ("scipy",))
-    with pytest.raises(lap.LapError, match=r"'lap' is not installed \(pip install 'permerge\[lap\]'\)"):
+    with pytest.raises(lap.LapError, match=r"'lap' is not installed \(pip install 'permerge\[lap\]', which installs lapx\)"):
         lap.resolve_backend("lap")
     assert lap.resolve_backend("auto") == "scipy"
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from permerge.graph import cache as _cache
 from permerge.graph.capture import capture
 from permerge.graph.groups import build_spec
 from permerge.graph.propagate import propagate
@@ -63,6 +64,7 @@ def trace(
     rules: Mapping[object, Rule] | None = None,
     freeze: Iterable[str] = (),
     strict: bool = False,
+    cache: bool = True,
 ) -> PermutationSpec:
     """Find every group of hidden units that can be permuted without changing ``model``'s function.
 
@@ -72,6 +74,10 @@ def trace(
     spaces with their reasons. Ops without a rule freeze what they touch (``strict=True`` raises
     instead); ``freeze`` names groups to leave unpermuted.
 
+    The spec depends on the architecture and the input shapes only, so it is cached per process
+    (see :mod:`permerge.graph.cache` for the key): tracing a second model of the same architecture
+    with same-shaped inputs costs microseconds. ``cache=False`` always traces afresh.
+
     Example:
         >>> import torch, permerge
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -79,5 +85,12 @@ def trace(
         >>> [(g.name, g.size) for g in spec.groups]
         [('0.weight:0', 8)]
     """
-    spec = trace_graph(model, example_inputs, example_kwargs=example_kwargs, rules=rules, strict=strict).spec
+    k = _cache.key(model, example_inputs, example_kwargs, strict, RULES) if cache and rules is None else None
+    spec = _cache.get(k) if k is not None else None
+    if spec is None:
+        spec = trace_graph(model, example_inputs, example_kwargs=example_kwargs, rules=rules, strict=strict).spec
+        if k is not None:
+            _cache.put(k, spec)
+    else:
+        LOG.info("traced %s: cached spec, %d groups", type(model).__name__, len(spec.groups))
     return spec.without(freeze) if freeze else spec

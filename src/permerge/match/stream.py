@@ -101,7 +101,7 @@ def stream_weight_matching(
         perm = identity(spec) | {k: v.long().cpu() for k, v in init.items()}
         objective = _objectives(spec, la, _Lazy(spec, b, dev, perm))[1]
     else:
-        perm = signature_match(spec, la, _Lazy(spec, b, dev))
+        perm = signature_match(spec, la, _Lazy(spec, b, dev), backend)
         objective = _objectives(spec, la, _Lazy(spec, b, dev, perm))[1]
         LOG.debug("start: identity %.6g, signature match %.6g", total_before, objective)
         if objective <= total_before:

@@ -179,7 +179,7 @@ def _start(
         check_permutation(spec, init)
         perm.update({k: v.long().cpu() for k, v in init.items()})
     else:
-        perm = signature_match(spec, a, b)
+        perm = signature_match(spec, a, b, backend)
     b_perm = {k: _copy_of(permute_tensor(b[k], spec.axes_of(k), perm), b[k]) for k in spec.keys}
     if init is None:
         _, total = _objectives(spec, a, b_perm)
@@ -189,7 +189,9 @@ def _start(
     return perm, b_perm
 
 
-def signature_match(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Permutation:
+def signature_match(
+    spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], backend: str = "auto"
+) -> Permutation:
     """Pair each group's units by :func:`_signature` (nearest in squared distance), one LAP per group.
 
     ``a`` and ``b`` may be lazy mappings: each tensor is read once per group that has a member on it.
@@ -198,9 +200,7 @@ def signature_match(spec: PermutationSpec, a: Mapping[str, torch.Tensor], b: Map
     for g in spec.groups:
         if g.size > 1:
             fa, fb = _signature(g, a), _signature(g, b)
-            # scipy, whatever the sweep's backend: lapjv is 2x slower on these dense distance costs
-            # (5 s vs 2.3 s at n=2048), which made this start most of a big model's first sweep.
-            perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend="scipy")
+            perm[g.name] = lap.solve(-torch.cdist(fa.double(), fb.double()).square(), backend=backend)
     return perm
 
 

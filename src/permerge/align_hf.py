@@ -54,7 +54,7 @@ def align_hf(
     max_sweeps: int = 100,
     backend: str = "auto",
     device: torch.device | str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     out_dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = "5GB",
     force: bool = False,
@@ -72,7 +72,8 @@ def align_hf(
         spec: the groups to permute, in checkpoint keys; default: traced from A's config.
         seed, max_sweeps, backend: as for :func:`~permerge.match.weight_matching`.
         device: where the cost matmuls run (``"cuda"`` when there is a GPU).
-        workers: threads for the LAPs of independent groups (streamed only; same result).
+        workers: threads for the LAPs of independent groups (default: one per core, up to 4; same
+            result).
         out_dtype: cast floating tensors to this dtype (``"bfloat16"``…); default: keep B's dtypes.
         max_shard_size: largest output shard, e.g. ``"5GB"``.
 
@@ -114,6 +115,7 @@ def align_hf(
                 seed=seed,
                 max_sweeps=max_sweeps,
                 backend=backend,
+                workers=workers,
                 quiet=quiet,
                 device=device,
             )

@@ -205,6 +205,38 @@ def test_uncached_costs_give_the_same_answer(monkeypatch):
     assert all(torch.equal(cached.permutation[g], uncached.permutation[g]) for g in spec.names)
 
 
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet20", "hf_llama"])
+def test_parallel_laps_give_the_sequential_answer(name, monkeypatch):
+    from permerge.match import weight as wm
+
+    model, _, _, spec = traced(name)
+    sd_a = model.state_dict()
+    sd_b = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in sd_a.items()}
+    sd_b = pm.apply_permutation(spec, pm.random_permutation(spec, seed=2), sd_b)
+    runs: list[int] = []  # sizes of the runs of LAPs solved together
+    real = wm._independent_runs
+
+    def recording(order, state, size):
+        for run in real(order, state, size):
+            runs.append(len(run))
+            yield run
+
+    monkeypatch.setattr(wm, "_independent_runs", recording)
+    one = weight_matching(spec, sd_a, sd_b, seed=4, quiet=True, workers=1)
+    assert max(runs) == 1
+    runs.clear()
+    many = weight_matching(spec, sd_a, sd_b, seed=4, quiet=True, workers=3)
+    assert max(runs) > 1  # some LAPs really ran concurrently
+    assert (one.sweeps, one.total_after) == (many.sweeps, many.total_after)
+    assert all(torch.equal(one.permutation[g], many.permutation[g]) for g in spec.names)
+
+
+def test_workers_must_be_positive():
+    spec, sd_a, sd_b = _two_models()
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        weight_matching(spec, sd_a, sd_b, workers=0)
+
+
 def test_backends_give_the_same_answer():
     spec, sd_a, sd_b = _two_models()
     results = [weight_matching(spec, sd_a, sd_b, backend=b, quiet=True) for b in pm.match.available_backends()]

@@ -53,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                     help="read the checkpoints one tensor at a time (default); --no-stream loads both into RAM")
     hf.add_argument("--device", help="run the cost matmuls here, e.g. cuda (LAPs stay on the CPU)")
-    hf.add_argument("--workers", type=int, default=1, help="threads solving independent groups' LAPs (same result)")
+    hf.add_argument(
+        "--workers", type=int, default=None,
+        help="threads solving independent groups' LAPs (default: one per core, up to 4; same result)",
+    )  # fmt: skip
     hf.add_argument("--out-dtype", choices=("float32", "float16", "bfloat16"), help="cast floating tensors (default: keep B's)")
     hf.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     hf.add_argument("--max-sweeps", type=int, default=100, help="stop coordinate descent after this many sweeps")

@@ -13,24 +13,18 @@ cost term (shared helpers), so both give the same permutation. The in-memory mat
 terms by low-rank corrections where this one recomputes them; the two costs then differ by float
 rounding only (a tie within that would be the only way to part).
 
-``workers > 1`` solves the LAPs of consecutive, independent groups of the visit order (no tensor in
-common, e.g. the MLP and attention groups of every layer once the residual group is visited) in a
-thread pool while the next costs are computed. A group's cost depends only on the groups sharing a
-tensor with it, so the result is identical to the sequential order. scipy's and lap's solvers
-release the GIL.
+Both run the same :func:`~permerge.match.weight.coordinate_descent`, so ``workers`` (LAPs of
+independent groups in a thread pool) works the same way here.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import MappingProxyType
 
 import torch
-from tqdm.auto import tqdm
 
 from permerge.apply import permute_tensor
 from permerge.errors import StateDictMismatchError
@@ -39,9 +33,10 @@ from permerge.match import lap
 from permerge.match.weight import (
     WeightMatchingResult,
     _cost_matrix,
-    _gain,
     _objectives,
     _unit_rows,
+    coordinate_descent,
+    resolve_workers,
     signature_match,
     term_layout,
 )
@@ -65,7 +60,7 @@ def stream_weight_matching(
     tol: float = 1e-12,
     quiet: bool = False,
     device: torch.device | str | None = None,
-    workers: int = 1,
+    workers: int | None = None,
 ) -> WeightMatchingResult:
     """:func:`~permerge.match.weight.weight_matching` reading A and B lazily, one tensor at a time.
 
@@ -76,8 +71,8 @@ def stream_weight_matching(
         seed, max_sweeps, init, backend, tol, quiet: as for ``weight_matching``.
         device: where the cost matmuls run (e.g. ``"cuda"``); tensors are moved there one at a time,
             costs come back through pinned host memory. LAPs run on the CPU.
-        workers: threads solving LAPs of independent groups concurrently (1: sequential). The
-            result does not depend on it.
+        workers: threads solving LAPs of independent groups concurrently (default: up to 4, one
+            per CPU core; 1: sequential). The result does not depend on it.
 
     Returns:
         A :class:`~permerge.match.weight.WeightMatchingResult`.
@@ -90,8 +85,7 @@ def stream_weight_matching(
     start = time.perf_counter()
     _validate(spec, a, b)
     backend = lap.resolve_backend(backend)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    workers = resolve_workers(workers)
     dev = torch.device("cpu" if device is None else device)
     la = _Lazy(spec, a, dev, check=True)  # the first pass reads every tensor: check it is finite
     before, total_before = _objectives(spec, la, _Lazy(spec, b, dev, check=True))
@@ -108,36 +102,10 @@ def stream_weight_matching(
             perm, objective = identity(spec), total_before
     visit = _Visitor(spec, la, _Lazy(spec, b, dev, perm), perm, dev)
     todo = [g.name for g in spec.groups if g.size > 1]
-    gen = torch.Generator().manual_seed(seed)
-    sweeps, converged = 0, False
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="permerge-lap") if workers > 1 else None
-    try:
-        for sweeps in tqdm(
-            range(1, max_sweeps + 1),
-            desc="weight matching (streamed)",
-            disable=quiet or not sys.stderr.isatty(),
-        ):
-            changed = 0
-            order = [todo[k] for k in torch.randperm(len(todo), generator=gen).tolist()]
-            for batch in visit.batches(order, workers):
-                solving: list[tuple[str, torch.Tensor, Future[torch.Tensor] | None]] = []
-                for g in batch:  # costs in the main thread; LAPs of earlier ones already running
-                    cost = visit.matrix(g)
-                    fut = pool.submit(lap.solve, cost, backend=backend) if pool else None
-                    solving.append((g, cost, fut))
-                for g, cost, fut in solving:
-                    new_p = fut.result() if fut else lap.solve(cost, backend=backend)
-                    old, new = _gain(cost, perm[g], new_p)
-                    if new > old + tol * abs(old):  # the stopping rule of weight_matching
-                        visit.move(g, new_p)
-                        changed, objective = changed + 1, objective + new - old
-            LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
-            if not changed:
-                converged = True
-                break
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+    sweeps, converged = coordinate_descent(
+        visit, todo, objective, seed=seed, max_sweeps=max_sweeps, backend=backend, tol=tol,
+        workers=workers, desc="weight matching (streamed)", quiet=quiet,
+    )  # fmt: skip
     after, total_after = _objectives(spec, la, _Lazy(spec, b, dev, perm))
     seconds = time.perf_counter() - start
     LOG.info(
@@ -208,24 +176,6 @@ class _Visitor:
             coupled = len(g.members) > len(self.keys[g.name])  # two axes on one tensor
             self.affects[g.name] = frozenset(others | ({g.name} if coupled else set()))
         self.dirty = {g.name: True for g in spec.groups}
-
-    def batches(self, order: list[str], size: int) -> Iterator[list[str]]:
-        """Runs of at most ``size`` stale groups of ``order`` that share no tensor, in order.
-
-        Lazy: each run is formed after the previous one's moves, so staleness is current.
-        """
-        i = 0
-        while i < len(order):
-            batch: list[str] = []
-            used: set[str] = set()
-            while i < len(order) and len(batch) < size and not (self.keys[order[i]] & used):
-                g = order[i]
-                i += 1
-                if self.dirty[g]:  # else its cost is what it was at its last visit, so the answer is too
-                    batch.append(g)
-                    used |= self.keys[g]
-            if batch:
-                yield batch
 
     def matrix(self, g: str) -> torch.Tensor:
         """Group ``g``'s cost, term by term as ``weight._Costs.matrix`` sums it; a CPU float32 matrix."""

@@ -25,11 +25,14 @@ Two departures from the paper, both measured on the test zoo:
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -88,6 +91,7 @@ def weight_matching(
     tol: float = 1e-12,
     quiet: bool = False,
     device: torch.device | str | None = None,
+    workers: int | None = None,
 ) -> WeightMatchingResult:
     """Find the permutation of B's units that maximises ``Σ ⟨A, P·B⟩`` by coordinate descent.
 
@@ -103,6 +107,8 @@ def weight_matching(
             ``tol`` relative to the current objective.
         quiet: hide the progress bar (shown only when stderr is a terminal).
         device: where the cost matmuls run (default CPU); the LAPs always run on the CPU.
+        workers: threads solving the LAPs of independent groups concurrently (default: up to 4,
+            one per CPU core); the result does not depend on it.
 
     Returns:
         A :class:`WeightMatchingResult`; ``apply_permutation(spec, res.permutation, sd_b)`` is B
@@ -122,34 +128,18 @@ def weight_matching(
     start = time.perf_counter()
     _validate(spec, sd_a, sd_b)
     backend = lap.resolve_backend(backend)
+    workers = resolve_workers(workers)
     dev = torch.device("cpu" if device is None else device)
     a = {k: sd_a[k].to(dev) for k in spec.keys}
     b = {k: sd_b[k].to(dev) for k in spec.keys}
     before, total_before = _objectives(spec, a, b)
     costs = _Costs(spec, a, *_start(spec, a, b, init, backend, total_before))
     objective = _objectives(spec, a, costs.b)[1]
-    todo = [g for g in spec.groups if g.size > 1]
-    gen = torch.Generator().manual_seed(seed)
-    sweeps, converged = 0, False
-    for sweeps in tqdm(range(1, max_sweeps + 1), desc="weight matching", disable=quiet or not sys.stderr.isatty()):
-        changed = 0
-        for k in torch.randperm(len(todo), generator=gen).tolist():
-            g = todo[k].name
-            if not costs.dirty[g]:
-                continue  # its cost is what it was at its last visit, so the answer is too
-            cost = costs.matrix(g)
-            new_p = lap.solve(cost, backend=backend)
-            old, new = _gain(cost, costs.perm[g], new_p)
-            # Stopping rule: keep the LAP's answer only if it beats the current permutation by
-            # more than `tol` (relative); ties and float noise keep the old one, so a sweep that
-            # accepts nothing has converged.
-            if new > old + tol * abs(old):
-                costs.move(g, new_p)
-                changed, objective = changed + 1, objective + new - old
-        LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
-        if not changed:
-            converged = True
-            break
+    todo = [g.name for g in spec.groups if g.size > 1]
+    sweeps, converged = coordinate_descent(
+        costs, todo, objective, seed=seed, max_sweeps=max_sweeps, backend=backend, tol=tol,
+        workers=workers, desc="weight matching", quiet=quiet,
+    )  # fmt: skip
     after, total_after = _objectives(spec, a, costs.b)
     seconds = time.perf_counter() - start
     LOG.info(
@@ -160,6 +150,94 @@ def weight_matching(
         dict(costs.perm), sweeps, converged, MappingProxyType(before), MappingProxyType(after),
         total_before, total_after, backend, seconds,
     )
+
+
+# -- the descent (shared with the streamed matcher) -------------------------------------------
+
+
+def resolve_workers(workers: int | None) -> int:
+    """``workers`` checked, or by default one LAP thread per CPU core, at most 4."""
+    if workers is None:
+        return max(1, min(4, os.cpu_count() or 1))
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return workers
+
+
+class Visits(Protocol):
+    """What coordinate descent needs of a matcher's state (``_Costs`` here, the streamed visitor)."""
+
+    perm: dict[str, torch.Tensor]
+    dirty: dict[str, bool]  # whether a group's cost may have changed since its last LAP
+    keys: Mapping[str, frozenset[str]]  # the tensors each group's members live on
+
+    def matrix(self, g: str) -> torch.Tensor: ...
+
+    def move(self, g: str, new_p: torch.Tensor) -> None: ...
+
+
+def coordinate_descent(
+    state: Visits, todo: list[str], objective: float, *, seed: int, max_sweeps: int, backend: str,
+    tol: float, workers: int, desc: str, quiet: bool,
+) -> tuple[int, bool]:  # fmt: skip
+    """Algorithm 1's sweeps over ``todo`` in a seeded random order; returns (sweeps, converged).
+
+    With ``workers > 1`` the LAPs of consecutive, independent groups of the visit order (no tensor
+    in common, e.g. the first and last hidden layer of an MLP, or every layer's MLP group once the
+    residual stream is fixed) are solved in a thread pool while the next costs are computed. A
+    group's cost depends only on groups sharing a tensor with it, so the result is the sequential
+    one; both LAP backends release the GIL.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sweeps, converged = 0, False
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="permerge-lap") if workers > 1 else None
+    try:
+        for sweeps in tqdm(range(1, max_sweeps + 1), desc=desc, disable=quiet or not sys.stderr.isatty()):
+            changed = 0
+            order = [todo[k] for k in torch.randperm(len(todo), generator=gen).tolist()]
+            for run in _independent_runs(order, state, workers):
+                solving: list[tuple[str, torch.Tensor, Future[torch.Tensor] | None]] = []
+                for g in run:  # costs in this thread while the earlier ones' LAPs run
+                    cost = state.matrix(g)
+                    fut = pool.submit(lap.solve, cost, backend=backend) if pool else None
+                    solving.append((g, cost, fut))
+                for g, cost, fut in solving:
+                    new_p = fut.result() if fut else lap.solve(cost, backend=backend)
+                    old, new = _gain(cost, state.perm[g], new_p)
+                    # Stopping rule: keep the LAP's answer only if it beats the current permutation
+                    # by more than `tol` (relative); ties and float noise keep the old one, so a
+                    # sweep that accepts nothing has converged.
+                    if new > old + tol * abs(old):
+                        state.move(g, new_p)
+                        changed, objective = changed + 1, objective + new - old
+            LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
+            if not changed:
+                converged = True
+                break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return sweeps, converged
+
+
+def _independent_runs(order: list[str], state: Visits, size: int) -> Iterator[list[str]]:
+    """Runs of at most ``size`` stale groups of ``order`` that share no tensor, in order.
+
+    Lazy: each run is formed after the previous one's moves, so staleness is current. A group whose
+    cost cannot have changed since its last visit is skipped (same cost, same answer).
+    """
+    i = 0
+    while i < len(order):
+        run: list[str] = []
+        used: set[str] = set()
+        while i < len(order) and len(run) < size and not (state.keys[order[i]] & used):
+            g = order[i]
+            i += 1
+            if state.dirty[g]:
+                run.append(g)
+                used |= state.keys[g]
+        if run:
+            yield run
 
 
 # -- the start --------------------------------------------------------------------------------
@@ -246,6 +324,7 @@ class _Costs:
         self.terms: dict[str, list[_Term]] = {}
         self.watch: dict[str, list[tuple[_Term, Axis]]] = {}  # key → terms reading that tensor
         self.dirty = {g.name: True for g in spec.groups}
+        self.keys = {g.name: frozenset(ax.key for ax in g.members) for g in spec.groups}
         budget = _CACHE_BYTES
         for g in spec.groups:
             if g.size == 1:

@@ -13,7 +13,8 @@ Models, each trained from seeds 0 and 1 and cached in ``benchmarks/_cache`` (lat
   widths 32-32-64-64 (x1, the default) and 64-64-128-128 (x2);
 * ResNet-20 with BatchNorm and with LayerNorm (``norm="ln"``: ``GroupNorm(1, C)``), x1 (16-32-64)
   and x2 (32-64-128);
-* a deep MLP 784-256x8-10.
+* a deep MLP 784-Wx8-10 at widths W = 128, 256, 512 and 1024 (cheap to train on a CPU, so the
+  width series where "barriers shrink with width" is measured on converged-ish models).
 
 Training is sized for a 2-core CPU: the CNNs see ``--train-size`` images (the first ones of the
 training set) for ``--epochs`` passes -- far less than a converged model (BENCHMARKING.md uses 3
@@ -82,9 +83,16 @@ class Spec:
     recipe: str
     cnn: bool = True
 
+    @property
+    def family(self) -> str:
+        """The row's architecture without its width (rows of one family differ in width only)."""
+        return self.name.rsplit("-x", 1)[0] if "-x" in self.name else "mlp8"
+
 
 SPECS = [
+    Spec("mlp8x128", "MLP 784-128x8-10", partial(MLP, hidden=(128,) * 8), "adam", cnn=False),
     Spec("mlp8x256", "MLP 784-256x8-10", partial(MLP, hidden=(256,) * 8), "adam", cnn=False),
+    Spec("mlp8x512", "MLP 784-512x8-10", partial(MLP, hidden=(512,) * 8), "adam", cnn=False),
     Spec("vgg-bn-x1", "VGG 32-32-64-64 + BN", partial(VGG, (32, 32, 64, 64), norm="bn"), "sgd"),
     Spec("vgg-none-x1", "VGG 32-32-64-64, no norm", partial(VGG, (32, 32, 64, 64), norm="none"), "adam"),
     Spec("resnet20-bn-x1", "ResNet-20 x1 + BN", partial(ResNet20, 1, norm="bn"), "sgd"),
@@ -93,9 +101,10 @@ SPECS = [
     Spec("vgg-none-x2", "VGG 64-64-128-128, no norm", partial(VGG, (64, 64, 128, 128), norm="none"), "adam"),
     Spec("resnet20-bn-x2", "ResNet-20 x2 + BN", partial(ResNet20, 2, norm="bn"), "sgd"),
     Spec("resnet20-ln-x2", "ResNet-20 x2 + LN", partial(ResNet20, 2, norm="ln"), "sgd"),
+    Spec("mlp8x1024", "MLP 784-1024x8-10", partial(MLP, hidden=(1024,) * 8), "adam", cnn=False),
 ]
 ORDER = [s.name for s in SPECS]  # cheap ones first, so an interrupted run has the x1 rows
-DISPLAY = ["mlp8x256", "vgg-bn-x1", "vgg-bn-x2", "vgg-none-x1", "vgg-none-x2",
+DISPLAY = ["mlp8x128", "mlp8x256", "mlp8x512", "mlp8x1024", "vgg-bn-x1", "vgg-bn-x2", "vgg-none-x1", "vgg-none-x2",
            "resnet20-bn-x1", "resnet20-bn-x2", "resnet20-ln-x1", "resnet20-ln-x2"]  # fmt: skip
 
 
@@ -138,6 +147,27 @@ HEADER = (
 )
 
 
+def width_trend(barriers: dict[str, dict[str, float]], by_name: dict[str, Spec]) -> str:
+    """One line per family measured at 2+ widths: each method's loss barrier from narrow to wide."""
+    families: dict[str, list[str]] = {}
+    for name in DISPLAY:
+        if name in barriers:
+            families.setdefault(by_name[name].family, []).append(name)
+    lines = ["Width trend (loss barrier, narrow → wide; ↓ = shrinks at every step):"]
+    for names in families.values():
+        if len(names) < 2:
+            continue
+        parts = []
+        for method in ("naive", "aligned", "aligned+BN reset", "aligned+REPAIR"):
+            vals = [barriers[n][method] for n in names if method in barriers[n]]
+            if len(vals) == len(names):
+                trend = "↓" if all(b < a for a, b in zip(vals, vals[1:])) else "not monotone"
+                parts.append(f"{method} {' → '.join(f'{v:.3f}' for v in vals)} ({trend})")
+        labels = ", ".join(by_name[n].label for n in names)
+        lines.append(f"- {labels}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -160,6 +190,7 @@ def main() -> None:
     test = [(xt[i : i + 500], yt[i : i + 500]) for i in range(0, args.test_size, 500)]
     stats = [(x[i : i + 100], y[i : i + 100]) for i in range(len(x) - 100 * args.stats_batches, len(x), 100)]
     rows: dict[str, str] = {}
+    barriers: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
     for spec in wanted:
         t0 = time.perf_counter()
@@ -173,8 +204,10 @@ def main() -> None:
         curves = compare_curves(a, b, test, x[:2], aligned=runs[best].model, stats_data=stats,
                                 bn_batches=args.stats_batches, repair_batches=args.stats_batches, alphas=args.alphas)  # fmt: skip
         rows[spec.name] = row(spec, a, curves, time.perf_counter() - t1)
+        barriers[spec.name] = {k: c.loss_barrier for k, c in curves.items()}
         LOG.info("%s (train/load %.0f s, BN %s):\n%s", spec.name, t1 - t0, has_batchnorm(a), rows[spec.name])
     table = HEADER + "\n" + "\n".join(rows[n] for n in DISPLAY if n in rows)
+    table += "\n\n" + width_trend(barriers, by_name)
     print(table)
     cmd = shlex.join(["python", "benchmarks/barriers.py", *sys.argv[1:]])
     note = (

@@ -13,7 +13,7 @@ subprocess so peak RSS (VmHWM) is per configuration:
 
 Every matcher runs ``max_sweeps=1`` (its start, signature match included, counts). Usage::
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/big_models.py --sizes 125M,350M [--device cuda] [--workers 2]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/big_models.py --sizes 125M,350M,1B [--device cuda] [--workers 2]
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def child(mode: str, size: str, device: str | None, workers: int) -> dict:
         sd_a, sd_b = load_state_dict(d / "a"), load_state_dict(d / "b")
         out["load_seconds"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        res = weight_matching(spec, sd_a, sd_b, max_sweeps=1, quiet=True, device=device)
+        res = weight_matching(spec, sd_a, sd_b, max_sweeps=1, quiet=True, device=device, workers=workers)
         out["seconds"] = time.perf_counter() - t1
     else:  # floor: the run's LAP solves and one sweep's cost matmuls, inputs prepared outside the clock
         dev = torch.device(device or "cpu")
@@ -300,7 +300,7 @@ Written by `benchmarks/big_models.py` ({platform.machine()}, {os.cpu_count()} CP
 torch {torch.__version__}; devices measured: {", ".join(devices)}). No GPU was lent to this task, so
 there are no `--device cuda` rows; on a GPU box run the command below with `--device cuda`.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/big_models.py --sizes 125M,350M   # + --device cuda, --workers N
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/big_models.py --sizes 125M,350M,1B   # + --device cuda, --workers N
     python benchmarks/big_models.py --report                                     # reprint from stored rows
 
 Models: LLaMA-shaped (GQA, 4 KV heads, vocab 32000, untied), written by the script in **bf16**

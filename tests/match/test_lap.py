@@ -92,3 +92,16 @@ def test_uninstalled_backend_says_how_to_install(monkeypatch):
 def test_bad_costs_are_rejected(cost, message):
     with pytest.raises(lap.LapError, match=message):
         lap.solve(cost, backend="scipy")
+
+
+def test_the_original_lap_package_does_not_count_as_installed(monkeypatch):
+    import sys
+    import types
+
+    old_lap = types.ModuleType("lap")
+    old_lap.lapjv = lambda *a, **k: None  # the original package: lapjv only, no lapjvh
+    monkeypatch.setitem(sys.modules, "lap", old_lap)
+    monkeypatch.setattr(lap.importlib.util, "find_spec", lambda name: object())
+    assert lap.available_backends() == ("scipy",)
+    with pytest.raises(lap.LapError, match="which installs lapx"):
+        lap.resolve_backend("lap")

@@ -184,9 +184,16 @@ def time_permerge(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int) -> 
     # The default LAP backend is "auto" (lap if installed); scipy's is the other choice.
     with Timer() as t:
         alt = permerge.align(a, b, x, method="weight", check=False, quiet=True, backend="scipy")
+    with Timer() as t1:
+        permerge.align(a, b, x, method="weight", check=False, quiet=True, workers=1)
+    with Timer() as tt:
+        permerge.trace(a, x, cache=False)
     tool.alt = (f"permerge with backend='scipy' (1 call): {t.seconds:.2f} s [cpu {t.cpu:.2f}], match "
                 f"{alt.report['timing_s']['match']:.2f} s, {alt.report['sweeps']} sweeps "
-                f"(default backend {res.report['backend']}: {res.report['sweeps']} sweeps)")
+                f"(default backend {res.report['backend']}: {res.report['sweeps']} sweeps); "
+                f"with workers=1 (LAPs sequential; default {permerge.match.weight.resolve_workers(None)}): "
+                f"{t1.seconds:.2f} s; trace without the spec cache: {tt.seconds:.2f} s (timed calls reuse the "
+                "spec cached by the warm-up call, as any second alignment of this architecture does)")
     return tool, res
 
 

@@ -237,10 +237,10 @@ def extrapolate(rows: list[dict], target: str = "7B") -> str:
         f"Extrapolated to a LLaMA-{target} shape (4096 hidden, 11008 MLP, 32 layers, bf16 {disk / 1e9:.1f} GB on disk, "
         f"fp32 {2 * disk / 1e9:.1f} GB) from the {ref['size']} measurements on this CPU: one streamed sweep ≈ "
         f"{(matmul + laps + overhead) / 60:.0f} min on 2 cores: cost matmuls {flops / 1e12:.0f} TFLOP ≈ {matmul / 60:.0f} min at the "
-        f"measured {ref['flops'] / ref['matmul_seconds'] / 1e9:.0f} GFLOP/s (a GPU does them in well under a minute); "
+        f"measured {ref['flops'] / ref['matmul_seconds'] / 1e9:.0f} GFLOP/s (an estimate, not measured here: a GPU would take seconds); "
         f"LAPs ≈ {laps / 60:.0f} min, each group's measured time scaled by n³ (start and sweep; `--workers` divides "
         f"the per-layer ones among cores); streaming overhead ≈ {overhead / 60:.1f} min (stream − floor, scaled by bytes; "
-        f"within timing noise here). Peak RSS ≈ {rss / 2**30:.1f} GiB = {rss / (2 * disk):.2f}× the fp32 model "
+        f"reads, upcasts, signatures and objective passes). Peak RSS ≈ {rss / 2**30:.1f} GiB = {rss / (2 * disk):.2f}× the fp32 model "
         f"(the {ref['size']} excess over the interpreter scaled by max(largest fp32 tensor, 12·n_max²))."
     )
 

@@ -72,8 +72,8 @@ def align_hf(
         spec: the groups to permute, in checkpoint keys; default: traced from A's config.
         seed, max_sweeps, backend: as for :func:`~permerge.match.weight_matching`.
         device: where the cost matmuls run (``"cuda"`` when there is a GPU).
-        workers: threads for the LAPs of independent groups (default: one per core, up to 4; same
-            result).
+        workers: threads for the LAPs of independent groups (default: one per two cores, at most
+            4; same result).
         out_dtype: cast floating tensors to this dtype (``"bfloat16"``…); default: keep B's dtypes.
         max_shard_size: largest output shard, e.g. ``"5GB"``.
 

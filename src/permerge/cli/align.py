@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hf.add_argument("--device", help="run the cost matmuls here, e.g. cuda (LAPs stay on the CPU)")
     hf.add_argument(
         "--workers", type=int, default=None,
-        help="threads solving independent groups' LAPs (default: one per core, up to 4; same result)",
+        help="threads solving independent groups' LAPs (default: one per two cores, at most 4; same result)",
     )  # fmt: skip
     hf.add_argument("--out-dtype", choices=("float32", "float16", "bfloat16"), help="cast floating tensors (default: keep B's)")
     hf.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")

@@ -71,8 +71,8 @@ def stream_weight_matching(
         seed, max_sweeps, init, backend, tol, quiet: as for ``weight_matching``.
         device: where the cost matmuls run (e.g. ``"cuda"``); tensors are moved there one at a time,
             costs come back through pinned host memory. LAPs run on the CPU.
-        workers: threads solving LAPs of independent groups concurrently (default: up to 4, one
-            per CPU core; 1: sequential). The result does not depend on it.
+        workers: threads solving LAPs of independent groups concurrently (default: one per two
+            CPU cores, at most 4; 1: sequential). The result does not depend on it.
 
     Returns:
         A :class:`~permerge.match.weight.WeightMatchingResult`.

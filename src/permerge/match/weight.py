@@ -107,8 +107,8 @@ def weight_matching(
             ``tol`` relative to the current objective.
         quiet: hide the progress bar (shown only when stderr is a terminal).
         device: where the cost matmuls run (default CPU); the LAPs always run on the CPU.
-        workers: threads solving the LAPs of independent groups concurrently (default: up to 4,
-            one per CPU core); the result does not depend on it.
+        workers: threads solving the LAPs of independent groups concurrently (default: one per
+            two CPU cores, at most 4); the result does not depend on it.
 
     Returns:
         A :class:`WeightMatchingResult`; ``apply_permutation(spec, res.permutation, sd_b)`` is B
@@ -156,9 +156,11 @@ def weight_matching(
 
 
 def resolve_workers(workers: int | None) -> int:
-    """``workers`` checked, or by default one LAP thread per CPU core, at most 4."""
+    """``workers`` checked, or by default one LAP thread per two CPU cores (at most 4): the other
+    cores stay with torch's matmuls. On the 2-core dev box that is 1: there two LAP threads beside
+    torch's two were no faster (MLP 0.65 vs 0.57 s, ResNet-50 7.75 vs 7.34 s; benchmarks/align.py)."""
     if workers is None:
-        return max(1, min(4, os.cpu_count() or 1))
+        return max(1, min(4, (os.cpu_count() or 1) // 2))
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     return workers

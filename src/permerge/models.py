@@ -10,8 +10,9 @@ group norms, attention heads and tied embeddings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -396,6 +397,16 @@ class TransformerBlockNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+@dataclass
+class ModelRef:
+    """A model with an example input to trace it on (what the CLI and the HF loader build)."""
+
+    model: nn.Module
+    inputs: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
 
 
 EXAMPLES: dict[str, Callable[..., nn.Module]] = {

@@ -5,28 +5,17 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from permerge import models
 from permerge.errors import PermergeError
 from permerge.io.hf import hf_architecture
+from permerge.models import ModelRef
 
-__all__ = ["ModelRef", "add_model_arguments", "load_model"]
-
-
-@dataclass
-class ModelRef:
-    """A model built from a reference, with an example input for tracing."""
-
-    model: nn.Module
-    inputs: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
+__all__ = ["add_model_arguments", "load_model"]
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, positional: bool = True) -> None:
@@ -53,7 +42,7 @@ def load_model(ref: str, args: argparse.Namespace, *, meta: bool = False) -> Mod
     if ref in models.EXAMPLES:
         return ModelRef(models.EXAMPLES[ref](**kwargs).eval(), models.example_input(ref), {}, f"example {ref}")
     if Path(ref, "config.json").is_file():
-        return _hf_model(Path(ref), meta)
+        return hf_architecture(Path(ref), meta=meta)
     if ":" not in ref:
         raise PermergeError(
             f"cannot resolve model {ref!r}: not a built-in example ({', '.join(models.EXAMPLES)}), "
@@ -86,8 +75,3 @@ def _inputs(module: Any, args: argparse.Namespace) -> tuple[Any, ...]:
         f"no example input for {module.__name__}: pass --input-shape (and --input-dtype long for token ids) "
         "or define example_inputs() in the module"
     )
-
-
-def _hf_model(path: Path, meta: bool) -> ModelRef:
-    arch = hf_architecture(path, meta=meta)
-    return ModelRef(arch.model, arch.inputs, arch.kwargs, arch.description)

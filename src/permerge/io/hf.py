@@ -21,7 +21,6 @@ import json
 import logging
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,24 +33,14 @@ from permerge.io.outputs import write_files
 from permerge.io.read import SUPPORTED_SUFFIXES, StrPath, TensorSource
 from permerge.io.stream import INDEX_NAME, permuted_producer, plan_write, shard_index, write_shard
 from permerge.io.write import permutation_writer, text_writer
+from permerge.models import ModelRef
 from permerge.spec import Frozen, Group, PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["HFArchitecture", "checkpoint_spec", "hf_architecture", "is_hf_dir", "write_hf_model"]
+__all__ = ["checkpoint_spec", "hf_architecture", "is_hf_dir", "write_hf_model"]
 
 _OUR_FILES = ("permutation.safetensors", "spec.json", "provenance.json")
-
-
-@dataclass
-class HFArchitecture:
-    """A Hugging Face model built from ``config.json`` (on the meta device by default), ready to trace."""
-
-    model: nn.Module
-    inputs: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    description: str = ""
-    config: Any = None
 
 
 def is_hf_dir(path: StrPath) -> bool:
@@ -59,7 +48,7 @@ def is_hf_dir(path: StrPath) -> bool:
     return Path(path, "config.json").is_file()
 
 
-def hf_architecture(path: StrPath, *, meta: bool = True) -> HFArchitecture:
+def hf_architecture(path: StrPath, *, meta: bool = True) -> ModelRef:
     """Build the architecture of the Hugging Face directory ``path`` from its ``config.json``.
 
     The class is ``config.architectures[0]`` (else ``AutoModel``); under ``meta=True`` no memory is
@@ -86,7 +75,7 @@ def hf_architecture(path: StrPath, *, meta: bool = True) -> HFArchitecture:
     else:
         inputs = (torch.zeros(1, 16, dtype=torch.long, device=device),)
     kwargs = {"use_cache": False} if hasattr(config, "use_cache") else {}
-    return HFArchitecture(model, inputs, kwargs, f"{arch or type(model).__name__} from {path}", config)
+    return ModelRef(model, inputs, kwargs, f"{arch or type(model).__name__} from {path}")
 
 
 def checkpoint_spec(

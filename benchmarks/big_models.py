@@ -310,7 +310,9 @@ torch and permerge imported, ~0.22 GiB, and, for `memory`, the memory-mapped che
 `stream` = `stream_weight_matching` over `open_unmapped` sources (pread, no mmap); `memory` = both
 checkpoints loaded + `weight_matching`; `floor` = only the LAP solves the run makes (the signature
 start's and the sweep's) plus the sweep's cost matmuls, with inputs prepared outside the clock.
-All use `max_sweeps=1`. Timings on this shared 2-core box vary by ±30% between runs (load average ~10).
+All use `max_sweeps=1`. `cpu ×2` = `--workers 2` (LAPs of independent groups in two threads; no faster on
+these 2 cores, where torch's matmuls use both). Runs vary on this shared box: the 1B stream took 367 s
+with another job running and 304 s alone, and its peak RSS was 1.20 / 1.78 / 1.36 GiB in three runs.
 
 {table}
 
@@ -328,7 +330,7 @@ def _findings(rows: list[dict]) -> str:
     for r in rows:
         if r["mode"] == "stream":
             out.append(
-                f"- {r['size']} streamed: peak RSS {r['peak_rss'] / r['fp32_bytes']:.2f}× the fp32 model "
+                f"- {r['size']} streamed{' (workers ' + str(r['workers']) + ')' if r['workers'] > 1 else ''}: peak RSS {r['peak_rss'] / r['fp32_bytes']:.2f}× the fp32 model "
                 f"({(r['peak_rss'] - r['base_rss']) / r['fp32_bytes']:.2f}× above the interpreter's own "
                 f"{r['base_rss'] / 2**30:.2f} GiB); target ≤ 0.5× at 1B."
             )

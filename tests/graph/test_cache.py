@@ -78,6 +78,24 @@ def test_a_plain_attribute_that_changes_the_graph_changes_the_key(captures):
     assert pm.trace(Gated(True), x) is residual
 
 
+class WithAct(nn.Module):
+    def __init__(self, act) -> None:
+        super().__init__()
+        self.act = act
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_a_function_attribute_is_part_of_the_key(captures):
+    x = torch.randn(3, 6)
+    pm.trace(WithAct(torch.relu), x)
+    pm.trace(WithAct(torch.tanh), x)
+    pm.trace(WithAct(torch.relu), x)
+    assert len(captures) == 2
+
+
 def test_tying_is_part_of_the_key(captures):
     x = torch.randint(0, 10, (2, 5))
     tied, untied = pm.trace(Tied(True), x), pm.trace(Tied(False), x)

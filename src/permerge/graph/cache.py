@@ -4,8 +4,9 @@ Tracing (``torch.export``) is most of a small model's alignment time (0.24 of 0.
 ResNet-20), yet the spec depends only on the architecture and the example input's shapes, not on
 the weights. So :func:`permerge.trace` keeps the last specs it derived under a key made of
 
-* every submodule's name, class (the class object itself, so a redefined class is a new key) and
-  plain configuration attributes (ints, floats, strings, ... and HF-style ``config.to_dict()``);
+* every submodule's name, class (the class object itself, so a redefined class is a new key),
+  plain configuration attributes (ints, floats, strings, ... and HF-style ``config.to_dict()``),
+  the qualified names of function attributes (``self.act = F.relu``) and the types of the rest;
 * every parameter's and buffer's name, shape and dtype, and which names share one tensor (tying);
 * the example inputs' structure: tensors by shape, dtype and device type, other leaves by value;
 * the ``strict`` flag and the rule registry's contents (so a newly registered rule re-traces).
@@ -17,6 +18,7 @@ key; ``trace(..., cache=False)`` bypasses the cache and :func:`clear` empties it
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -87,6 +89,8 @@ def _config(m: nn.Module) -> tuple[tuple[str, Hashable], ...]:
             items.append((name, repr(sorted(value.to_dict().items(), key=lambda kv: kv[0]))))
         elif (v := _plain(value)) is not None:
             items.append((name, v))
+        elif inspect.isroutine(value):  # e.g. self.act = F.relu: which function it is matters
+            items.append((name, (getattr(value, "__module__", None), getattr(value, "__qualname__", repr(value)))))
         else:
             items.append((name, type(value)))  # an opaque attribute: at least its type must agree
     return tuple(items)

@@ -34,6 +34,9 @@ Per model, on the first ``--test-size`` test images, with an ``--alphas``-point 
 * **+BN reset**: aligned, BatchNorm statistics re-estimated at every α, endpoints included (BN
   models only), on ``--stats-batches`` batches of 100 training images;
 * **+REPAIR**: aligned + ``permerge.repair`` at every α, on the same training batches;
+* **+REPAIR, corr-gated**: ``repair(..., min_correlation=--min-corr)``: only channels whose A and
+  B activations correlate at least that much are corrected (a probe on the 8x1024 MLP, whose weight
+  matching lands in a poor optimum, found plain REPAIR raising its barrier and the gate fixing it);
 * **REPAIR vs aligned**: relative change of the loss barrier, ``REPAIR / aligned - 1`` (for BN
   nets relative to the BN-reset barrier too, the fair baseline there).
 
@@ -70,7 +73,9 @@ from common import cached_model, load_fashion_mnist, num_params, train  # noqa: 
 
 import permerge  # noqa: E402
 from permerge.demo import compare_curves, has_batchnorm  # noqa: E402
+from permerge.evaluate import interpolation_curve  # noqa: E402
 from permerge.models import MLP, VGG, ResNet20  # noqa: E402
+from permerge.repair import repair_transform  # noqa: E402
 
 LOG = logging.getLogger("benchmarks.barriers")
 
@@ -135,15 +140,18 @@ def row(spec: Spec, a: nn.Module, curves: dict[str, Any], seconds: float) -> str
     acc = curves["naive"].values["data"]["accuracy"]
     rep, ali = curves["aligned+REPAIR"].loss_barrier, curves["aligned"].loss_barrier
     vs_bn = _rel(rep, curves["aligned+BN reset"].loss_barrier) if "aligned+BN reset" in curves else "—"
+    gated = curves["aligned+REPAIR gated"].loss_barrier
     return (f"| {spec.label} | {num_params(a) / 1e3:.0f}k | {_pct(acc[0])} / {_pct(acc[-1])} | {cell('naive')} | "
             f"{cell('aligned')} | {cell('aligned+BN reset')} | {cell('aligned+REPAIR')} | {_rel(rep, ali)} | {vs_bn} | "
+            f"{cell('aligned+REPAIR gated')} | {_rel(gated, ali)} | "
             f"{seconds:.0f} |")  # fmt: skip
 
 
 HEADER = (
     "| model | params | test acc A / B (%) | naive: loss / acc barrier | aligned | aligned + BN reset | "
-    "aligned + REPAIR | REPAIR vs aligned (loss barrier) | REPAIR vs BN reset | eval s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|"
+    "aligned + REPAIR | REPAIR vs aligned (loss barrier) | REPAIR vs BN reset | "
+    "aligned + REPAIR, corr-gated | gated vs aligned | eval s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -158,7 +166,7 @@ def width_trend(barriers: dict[str, dict[str, float]], by_name: dict[str, Spec])
         if len(names) < 2:
             continue
         parts = []
-        for method in ("naive", "aligned", "aligned+BN reset", "aligned+REPAIR"):
+        for method in ("naive", "aligned", "aligned+BN reset", "aligned+REPAIR", "aligned+REPAIR gated"):
             vals = [barriers[n][method] for n in names if method in barriers[n]]
             if len(vals) == len(names):
                 trend = "↓" if all(b < a for a, b in zip(vals, vals[1:])) else "not monotone"
@@ -178,6 +186,8 @@ def main() -> None:
     p.add_argument("--stats-batches", type=int, default=10, help="batches of 100 training images for BN reset / REPAIR")
     p.add_argument("--alphas", type=int, default=5, help="α grid points (odd, so 0.5 is on it)")
     p.add_argument("--wm-restarts", type=int, default=3, help="weight-matching seeds; the best objective is kept")
+    p.add_argument("--min-corr", type=float, default=0.4,
+                   help="correlation threshold of the gated REPAIR column (picked from one probe on the 8x1024 MLP)")
     p.add_argument("--models", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -203,6 +213,8 @@ def main() -> None:
                  [round(o, 2) for o in objectives], best)  # fmt: skip
         curves = compare_curves(a, b, test, x[:2], aligned=runs[best].model, stats_data=stats,
                                 bn_batches=args.stats_batches, repair_batches=args.stats_batches, alphas=args.alphas)  # fmt: skip
+        gated = repair_transform(a, runs[best].model, stats, batches=args.stats_batches, min_correlation=args.min_corr)
+        curves["aligned+REPAIR gated"] = interpolation_curve(a, runs[best].model, test, alphas=args.alphas, transform=gated)
         rows[spec.name] = row(spec, a, curves, time.perf_counter() - t1)
         barriers[spec.name] = {k: c.loss_barrier for k, c in curves.items()}
         LOG.info("%s (train/load %.0f s, BN %s):\n%s", spec.name, t1 - t0, has_batchnorm(a), rows[spec.name])

@@ -203,3 +203,44 @@ def test_repair_reduces_the_midpoint_loss_of_a_trained_pair():
     with_repair = interpolation_curve(a, b, test, alphas=5, transform=repair_transform(a, b, train))
     assert with_repair.loss_barrier < aligned.loss_barrier
     assert with_repair.values["data"]["loss"][0] == pytest.approx(aligned.values["data"]["loss"][0], abs=1e-5)
+
+
+# -- correlation-gated REPAIR ------------------------------------------------------------------
+
+
+def test_correlation_is_pearson_per_channel():
+    from permerge.repair import _correlation
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 3, generator=g)
+    b = torch.stack([2 * a[:, 0] + 1, -a[:, 1], torch.full((500,), 3.0)], dim=1)
+    torch.testing.assert_close(_correlation(a, b), torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64))
+
+
+def test_gate_below_every_correlation_is_plain_repair_and_above_every_one_changes_nothing():
+    a, b = _seeded(lambda: MLP(in_features=20, hidden=(32, 32)), 0), _seeded(lambda: MLP(in_features=20, hidden=(32, 32)), 1)
+    data = _data((20,), n_batches=3, batch=64)
+    merged = pm.interpolate(a, b, 0.4)
+    plain = repair(a, b, merged, data, alpha=0.4).state_dict()
+    every = repair(a, b, merged, data, alpha=0.4, min_correlation=-1.0).state_dict()
+    none = repair(a, b, merged, data, alpha=0.4, min_correlation=1.01).state_dict()
+    assert all(torch.equal(plain[k], every[k]) for k in plain)
+    assert all(torch.equal(merged.state_dict()[k], none[k]) for k in none)
+
+
+def test_gate_repairs_exactly_the_correlated_channels():
+    """B = A with half of the first layer's units perturbed a little (correlated) and the rest
+    unrelated: only the correlated half is corrected."""
+    a = _seeded(lambda: MLP(in_features=20, hidden=(16,)), 0)
+    b = _seeded(lambda: MLP(in_features=20, hidden=(16,)), 1)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        b.net[1].weight[:8] = a.net[1].weight[:8] + 0.5 * a.net[1].weight[:8].std() * torch.randn(8, 20, generator=g)
+    data = _data((20,), n_batches=4, batch=64)
+    merged = pm.interpolate(a, b, 0.5)
+    fixed = repair(a, b, merged, data, min_correlation=0.5)
+    w0, w1 = merged.net[1].weight, fixed.net[1].weight
+    assert torch.equal(w1[8:], w0[8:])  # unrelated units: left as merged
+    scale = (w1[:8] / w0[:8]).mean(1)
+    assert (scale > 1.001).all()  # correlated units: variance collapse undone (std scaled up)
+    assert torch.equal(repair(a, b, merged, data).net[1].weight[:8], w1[:8])  # as plain REPAIR does

@@ -267,6 +267,25 @@ def _channel_stats(values: Sequence[torch.Tensor], dim: int) -> tuple[torch.Tens
     return mean, var
 
 
+_SAMPLE_ROWS = 8192
+"""Rows (sample × position) per site kept to estimate A–B correlations; ±0.01 standard error."""
+
+
+def _sample_rows(values: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``(rows, channels)`` float32 rows at evenly spaced, data-independent positions: the same
+    positions for every model run over the same batches, so A's and B's rows pair up."""
+    flat = torch.cat([v.detach().movedim(dim, -1).reshape(-1, v.shape[dim]) for v in values])
+    idx = torch.linspace(0, len(flat) - 1, min(_SAMPLE_ROWS, len(flat))).round().long()
+    return flat.index_select(0, idx).float()
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-channel Pearson correlation of paired rows (0 where either side is constant)."""
+    a, b = a.double() - a.double().mean(0), b.double() - b.double().mean(0)
+    den = (a.square().sum(0) * b.square().sum(0)).sqrt()
+    return torch.where(den > 0, (a * b).sum(0) / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
 def _broadcast(t: torch.Tensor, ndim: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     shape = [1] * ndim
     shape[dim] = -1
@@ -289,6 +308,7 @@ def _layerwise(
     batches: Sequence[Any],
     sites: Sequence[RepairSite],
     correct: Correct | None = None,
+    samples: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, ChannelStats], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
     """Run the graph node by node over all ``batches`` at once.
 
@@ -298,7 +318,8 @@ def _layerwise(
     their running statistics re-estimated from their (already corrected) input first.
 
     Returns the statistics per site (before correction), the corrections, and the re-estimated
-    BatchNorm buffers (state-dict key → tensor).
+    BatchNorm buffers (state-dict key → tensor). With ``samples``, each site's output rows at
+    fixed positions (see :func:`_sample_rows`) are stored there, so two models' runs pair up.
     """
     by_node = {s.node: s for s in sites}
     gm = program.graph_module
@@ -351,7 +372,7 @@ def _layerwise(
             else:
                 env[node] = node.target(*args, **kwargs)
             if site is not None and isinstance(env[node], _PerBatch):
-                env[node] = _measure_and_correct(env[node], site, stats, corrections, correct)
+                env[node] = _measure_and_correct(env[node], site, stats, corrections, correct, samples)
             for a in node.all_input_nodes:
                 if last_use.get(a) == i and a.op != "placeholder":
                     env.pop(a, None)
@@ -375,10 +396,13 @@ def _measure_and_correct(
     stats: dict[str, ChannelStats],
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]],
     correct: Correct | None,
+    samples: dict[str, torch.Tensor] | None = None,
 ) -> _PerBatch:
     k = site.output_index
     ys = [v if k is None else v[k] for v in value.values]
     mean, var = _channel_stats(ys, site.channel_dim)
+    if samples is not None:
+        samples[site.node] = _sample_rows(ys, site.channel_dim)
     st = ChannelStats(mean, var.sqrt())
     stats[site.node] = st
     fix = correct(site, st) if correct is not None else None
@@ -416,7 +440,7 @@ class _Repairer:
     """Everything REPAIR needs that does not depend on α: the graph, its sites, A's and B's statistics."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], batches: int,
-                 include_outputs: bool, eps: float):  # fmt: skip
+                 include_outputs: bool, eps: float, min_correlation: float | None = None):  # fmt: skip
         # graph/ imports heavy machinery; keep repair light to import
         from permerge.graph.capture import capture
 
@@ -432,11 +456,18 @@ class _Repairer:
             LOG.warning("REPAIR found no repairable site (linear/conv with bias, or affine norm) in %s",
                         type(model_a).__name__)  # fmt: skip
         LOG.info("REPAIR: %d sites, %d batches", len(self.sites), len(self.batches))
-        self.stats_a = self._stats(model_a)
-        self.stats_b = self._stats(model_b)
-
-    def _stats(self, model: nn.Module) -> dict[str, ChannelStats]:
-        return _layerwise(self.program, model.state_dict(), self.batches, self.sites)[0]
+        rows_a: dict[str, torch.Tensor] | None = {} if min_correlation is not None else None
+        rows_b: dict[str, torch.Tensor] | None = {} if min_correlation is not None else None
+        self.stats_a = _layerwise(self.program, model_a.state_dict(), self.batches, self.sites, samples=rows_a)[0]
+        self.stats_b = _layerwise(self.program, model_b.state_dict(), self.batches, self.sites, samples=rows_b)[0]
+        # channel → repaired? (all of them without a correlation threshold)
+        self.gate: dict[str, torch.Tensor] = {}
+        if rows_a is not None and rows_b is not None:
+            for node in rows_a:
+                self.gate[node] = _correlation(rows_a[node], rows_b[node]) >= min_correlation
+            kept = sum(int(g.sum()) for g in self.gate.values())
+            total = sum(g.numel() for g in self.gate.values())
+            LOG.info("REPAIR: %d of %d channels have A–B correlation >= %g", kept, total, min_correlation)
 
     def __call__(self, merged: nn.Module, alpha: float) -> nn.Module:
         sd = merged.state_dict()
@@ -449,7 +480,11 @@ class _Repairer:
             mean_t = (1 - alpha) * a.mean + alpha * b.mean
             std_t = (1 - alpha) * a.std + alpha * b.std
             scale = (std_t + eps) / (st.std + eps)
-            return scale, mean_t - st.mean * scale
+            shift = mean_t - st.mean * scale
+            gate = self.gate.get(site.node)
+            if gate is not None:  # uncorrelated channels keep their statistics
+                scale, shift = torch.where(gate, scale, 1.0), torch.where(gate, shift, 0.0)
+            return scale, shift
 
         _, corrections, buffers = _layerwise(self.program, sd, self.batches, self.sites, correct)
         new = {k: v.clone() for k, v in sd.items()}
@@ -476,6 +511,7 @@ def repair(
     batches: int = 10,
     include_outputs: bool = False,
     eps: float = 1e-5,
+    min_correlation: float | None = None,
 ) -> nn.Module:
     """REPAIR: a copy of ``merged`` whose channel statistics match the endpoints' interpolation.
 
@@ -507,6 +543,11 @@ def repair(
         batches: how many batches of ``data`` to measure on (the same ones for A, B and merged).
         include_outputs: also correct layers whose output is a model output (the logits).
         eps: added to both standard deviations in the ratio, so dead channels keep scale 1.
+        min_correlation: if given, correct only channels whose A and B activations (at the site,
+            on the same data) correlate at least this much; the others keep the merged model's
+            statistics. REPAIR's target assumes matched units compute the same feature; where
+            they do not (a poor alignment), rescaling a blend of two unrelated features
+            amplifies it. Off by default (the paper's REPAIR); see docs/benchmarks.md.
 
     Returns:
         A corrected copy of ``merged`` (same class and keys), in eval mode.
@@ -521,7 +562,7 @@ def repair(
         >>> sorted(fixed.state_dict()) == sorted(a.state_dict())
         True
     """
-    return _Repairer(model_a, model_b, data, batches, include_outputs, eps)(merged, alpha)
+    return _Repairer(model_a, model_b, data, batches, include_outputs, eps, min_correlation)(merged, alpha)
 
 
 def repair_transform(
@@ -532,6 +573,7 @@ def repair_transform(
     batches: int = 10,
     include_outputs: bool = False,
     eps: float = 1e-5,
+    min_correlation: float | None = None,
 ) -> Callable[[nn.Module, float], nn.Module]:
     """REPAIR as an ``interpolation_curve(..., transform=...)`` hook: ``(merged, α) -> repaired``.
 
@@ -541,4 +583,4 @@ def repair_transform(
     Example:
         >>> curve = interpolation_curve(a, b, test, transform=repair_transform(a, b, train))  # doctest: +SKIP
     """
-    return _Repairer(model_a, model_b, data, batches, include_outputs, eps)
+    return _Repairer(model_a, model_b, data, batches, include_outputs, eps, min_correlation)

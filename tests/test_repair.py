@@ -223,7 +223,7 @@ def test_gate_below_every_correlation_is_plain_repair_and_above_every_one_change
     merged = pm.interpolate(a, b, 0.4)
     plain = repair(a, b, merged, data, alpha=0.4).state_dict()
     every = repair(a, b, merged, data, alpha=0.4, min_correlation=-1.0).state_dict()
-    none = repair(a, b, merged, data, alpha=0.4, min_correlation=1.01).state_dict()
+    none = repair(a, b, merged, data, alpha=0.4, min_correlation=1.0).state_dict()
     assert all(torch.equal(plain[k], every[k]) for k in plain)
     assert all(torch.equal(merged.state_dict()[k], none[k]) for k in none)
 
@@ -244,3 +244,12 @@ def test_gate_repairs_exactly_the_correlated_channels():
     scale = (w1[:8] / w0[:8]).mean(1)
     assert (scale > 1.001).all()  # correlated units: variance collapse undone (std scaled up)
     assert torch.equal(repair(a, b, merged, data).net[1].weight[:8], w1[:8])  # as plain REPAIR does
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1.5, -2.0])
+def test_gate_outside_minus_one_to_one_is_rejected(bad):
+    from permerge.errors import PermergeError
+
+    a, b = _seeded(lambda: MLP(in_features=20, hidden=(8,)), 0), _seeded(lambda: MLP(in_features=20, hidden=(8,)), 1)
+    with pytest.raises(PermergeError, match="min_correlation must be a correlation"):
+        repair(a, b, pm.interpolate(a, b, 0.5), _data((20,)), min_correlation=bad)

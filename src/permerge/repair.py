@@ -444,6 +444,8 @@ class _Repairer:
         # graph/ imports heavy machinery; keep repair light to import
         from permerge.graph.capture import capture
 
+        if min_correlation is not None and not -1.0 <= min_correlation <= 1.0:
+            raise PermergeError(f"min_correlation must be a correlation in [-1, 1], got {min_correlation}")
         if type(model_a) is not type(model_b):
             raise StateDictMismatchError(f"models have different classes: {type(model_a).__name__} vs {type(model_b).__name__}")
         self.batches = _take_batches(data, batches)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 
 import torch
@@ -62,6 +63,11 @@ class Group:
     name: str
     size: int
     members: tuple[Axis, ...]
+
+    @cached_property
+    def keys(self) -> frozenset[str]:
+        """The tensors this group's members live on."""
+        return frozenset(ax.key for ax in self.members)
 
 
 @dataclass(frozen=True)

@@ -116,28 +116,27 @@ def test_half_precision_weights_are_matched_in_float32():
     assert all(torch.equal(aligned[k], sd_a[k]) for k in sd_a)
 
 
-def test_heads_and_head_dim_sharing_one_dim():
-    # 2 heads × 3 dims on q's rows / o's columns: both groups act on the same dims and commute
+def _heads_and_head_dim():
+    """2 heads × 3 dims on q's rows / o's columns: both groups act on the same dims and commute.
+    Returns the spec, A, a planted permutation and B = planted·A."""
     heads = Group("heads", 2, (Axis("q", 0, block=3), Axis("o", 1, block=3)))
     within = Group("hd", 3, (Axis("q", 0, repeat=2, stride=3), Axis("o", 1, repeat=2, stride=3)))
     spec = PermutationSpec((heads, within))
     gen = torch.Generator().manual_seed(0)
     sd_a = {"q": torch.randn(6, 4, generator=gen), "o": torch.randn(4, 6, generator=gen)}
     planted = {"heads": torch.tensor([1, 0]), "hd": torch.tensor([2, 0, 1])}
-    sd_b = pm.apply_permutation(spec, planted, sd_a)
+    return spec, sd_a, planted, pm.apply_permutation(spec, planted, sd_a)
+
+
+def test_heads_and_head_dim_sharing_one_dim():
+    spec, sd_a, planted, sd_b = _heads_and_head_dim()
     res = weight_matching(spec, sd_a, sd_b, quiet=True)
     assert all(torch.equal(res.permutation[g], pm.inverse(planted)[g]) for g in planted)
 
 
 def test_default_start_escapes_the_identity_local_optimum():
     # heads × head_dim: from the identity, coordinate descent stalls here (the paper's Algorithm 1)
-    heads = Group("heads", 2, (Axis("q", 0, block=3), Axis("o", 1, block=3)))
-    within = Group("hd", 3, (Axis("q", 0, repeat=2, stride=3), Axis("o", 1, repeat=2, stride=3)))
-    spec = PermutationSpec((heads, within))
-    gen = torch.Generator().manual_seed(0)
-    sd_a = {"q": torch.randn(6, 4, generator=gen), "o": torch.randn(4, 6, generator=gen)}
-    planted = {"heads": torch.tensor([1, 0]), "hd": torch.tensor([2, 0, 1])}
-    sd_b = pm.apply_permutation(spec, planted, sd_a)
+    spec, sd_a, planted, sd_b = _heads_and_head_dim()
     stuck = weight_matching(spec, sd_a, sd_b, init=pm.identity(spec), quiet=True)
     assert not torch.equal(stuck.permutation["heads"], pm.inverse(planted)["heads"])
     res = weight_matching(spec, sd_a, sd_b, quiet=True)

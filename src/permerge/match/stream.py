@@ -165,15 +165,14 @@ class _Visitor:
     ) -> None:
         self.spec, self.a, self.b, self.perm, self.dev = spec, a, b_cur, perm, dev
         self.layout = {g.name: term_layout(spec, g) for g in spec.groups if g.size > 1}
-        self.keys = {g.name: frozenset(ax.key for ax in g.members) for g in spec.groups}
         readers: dict[str, set[str]] = {}
         for g in spec.groups:
             for ax in g.members:
                 readers.setdefault(ax.key, set()).add(g.name)
         self.affects: dict[str, frozenset[str]] = {}
         for g in spec.groups:
-            others = {h for k in self.keys[g.name] for h in readers[k]} - {g.name}
-            coupled = len(g.members) > len(self.keys[g.name])  # two axes on one tensor
+            others = {h for k in g.keys for h in readers[k]} - {g.name}
+            coupled = len(g.members) > len(g.keys)  # two axes on one tensor
             self.affects[g.name] = frozenset(others | ({g.name} if coupled else set()))
         self.dirty = {g.name: True for g in spec.groups}
 

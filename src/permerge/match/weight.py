@@ -169,9 +169,9 @@ def resolve_workers(workers: int | None) -> int:
 class Visits(Protocol):
     """What coordinate descent needs of a matcher's state (``_Costs`` here, the streamed visitor)."""
 
+    spec: PermutationSpec
     perm: dict[str, torch.Tensor]
     dirty: dict[str, bool]  # whether a group's cost may have changed since its last LAP
-    keys: Mapping[str, frozenset[str]]  # the tensors each group's members live on
 
     def matrix(self, g: str) -> torch.Tensor: ...
 
@@ -232,12 +232,12 @@ def _independent_runs(order: list[str], state: Visits, size: int) -> Iterator[li
     while i < len(order):
         run: list[str] = []
         used: set[str] = set()
-        while i < len(order) and len(run) < size and not (state.keys[order[i]] & used):
+        while i < len(order) and len(run) < size and not (state.spec[order[i]].keys & used):
             g = order[i]
             i += 1
             if state.dirty[g]:
                 run.append(g)
-                used |= state.keys[g]
+                used |= state.spec[g].keys
         if run:
             yield run
 
@@ -326,7 +326,6 @@ class _Costs:
         self.terms: dict[str, list[_Term]] = {}
         self.watch: dict[str, list[tuple[_Term, Axis]]] = {}  # key → terms reading that tensor
         self.dirty = {g.name: True for g in spec.groups}
-        self.keys = {g.name: frozenset(ax.key for ax in g.members) for g in spec.groups}
         budget = _CACHE_BYTES
         for g in spec.groups:
             if g.size == 1:

@@ -38,7 +38,7 @@ Per model, on the first ``--test-size`` test images, with an ``--alphas``-point 
   hidden units on the ``--stats-batches`` training batches; the alignment the REPAIR paper uses),
   then the same interpolation, without and with REPAIR (whose BN reset it includes). Weight
   matching's objective can favour a permutation whose units compute different features (on the
-  8x1024 MLP its optimum scores 1854 vs activation matching's 1172, yet its barrier is higher);
+  8x1024 MLP, seed 0, its optimum scores 1854 vs activation matching's 1172, yet its barrier is higher);
   REPAIR assumes matched units compute the same feature, and rescaling blends of unrelated ones
   can raise the loss, so both alignments are reported;
 * **REPAIR vs aligned**: relative change of the loss barrier, ``REPAIR / aligned - 1`` (for BN

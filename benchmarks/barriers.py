@@ -167,12 +167,12 @@ def verdicts(barriers: dict[str, dict[str, float]], by_name: dict[str, Spec]) ->
         # REPAIR's BN reset accumulates in float64, reset_bn_stats in float32: equal up to ~1e-5 relative
         ok = [n for n in bn if barriers[n]["aligned+REPAIR"] <= barriers[n]["aligned+BN reset"] * (1 + 1e-4)]
         lines.append(f"- REPAIR ≤ BN reset (loss barrier, to 1e-4 relative) on BN nets: {len(ok)}/{len(bn)}")
+    names = [n for n in DISPLAY if n in barriers]
+    mlps = [n for n in names if not by_name[n].cnn]
     for base, rep, label in (("aligned", "aligned+REPAIR", "weight matching"), ("aligned (AM)", "AM+REPAIR", "activation matching")):
-        names = [n for n in DISPLAY if n in barriers]
         worse = [by_name[n].label for n in names if barriers[n][rep] > barriers[n][base] + 1e-6]
         lines.append(f"- REPAIR never increases a loss barrier, after {label}: {len(names) - len(worse)}/{len(names)}"
                      + (f" (increases: {', '.join(worse)})" if worse else ""))  # fmt: skip
-        mlps = [n for n in DISPLAY if n in barriers and not by_name[n].cnn]
         cuts = [f"{by_name[n].label.split()[1]} {_rel(barriers[n][rep], barriers[n][base])}" for n in mlps]
         met = sum(barriers[n][rep] <= 0.3 * barriers[n][base] for n in mlps)
         if mlps:

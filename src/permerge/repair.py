@@ -361,12 +361,10 @@ def _layerwise(
                 continue
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
             site = by_node.get(node.name)
+            leaves, tree = pytree.tree_flatten((args, kwargs))
             if site is not None and site.running is not None and isinstance(args[0], _PerBatch):
                 env[node] = _batch_norm_reset(node, args, site, buffers)
-                env[node] = _measure_and_correct(env[node], site, stats, corrections, correct, samples)
-                continue
-            leaves, tree = pytree.tree_flatten((args, kwargs))
-            if any(isinstance(v, _PerBatch) for v in leaves):
+            elif any(isinstance(v, _PerBatch) for v in leaves):
                 outs = []
                 for b in range(nb):
                     a_b, k_b = pytree.tree_unflatten([v.values[b] if isinstance(v, _PerBatch) else v for v in leaves], tree)
@@ -401,9 +399,10 @@ def _batch_norm_reset(node: fx.Node, args: tuple[Any, ...], site: RepairSite, bu
         n = v.numel() // v.shape[1]
         means.append(mean.double())
         variances.append(var.double() * (n / max(n - 1, 1)))
-        y = (v - _broadcast(mean, v.dim(), 1, v.dtype)) * _broadcast(torch.rsqrt(var + eps), v.dim(), 1, v.dtype)
+        rstd = torch.rsqrt(var + eps)
+        y = (v - _broadcast(mean, v.dim(), 1, v.dtype)) * _broadcast(rstd, v.dim(), 1, v.dtype)
         y = y * _broadcast(weight, v.dim(), 1, v.dtype) + _broadcast(bias, v.dim(), 1, v.dtype)
-        outs.append(y if site.output_index is None else (y, mean, torch.rsqrt(var + eps)))
+        outs.append(y if site.output_index is None else (y, mean, rstd))
     rm, rv = args[3], args[4]
     buffers[site.running[0]] = torch.stack(means).mean(0).to(rm.dtype)  # type: ignore[index]
     buffers[site.running[1]] = torch.stack(variances).mean(0).to(rv.dtype)  # type: ignore[index]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from functools import cached_property
 from types import MappingProxyType
 
@@ -24,7 +25,12 @@ import torch
 
 from permerge.errors import SpecError
 
-__all__ = ["Axis", "Frozen", "Group", "PermutationSpec"]
+__all__ = ["PRODUCER", "CONSUMER", "Axis", "Frozen", "FrozenKind", "Group", "PermutationSpec"]
+
+PRODUCER, CONSUMER = "producer", "consumer"
+"""Axis roles: a *producer* axis carries the group's features (a weight's output rows, a bias, norm
+parameters, running statistics, embedding columns); a *consumer* axis reads them (a weight's input
+columns). Partial merging applies merge maps to producers and unmerge maps to consumers."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Axis:
     offset: int = 0
     repeat: int = 1
     stride: int = 0
+    role: str | None = None  # PRODUCER / CONSUMER when traced; None in hand-written specs
 
     def positions(self, n: int) -> torch.Tensor:
         """Index tensor of shape ``(repeat, n, block)``: the positions unit ``i`` occupies."""
@@ -70,9 +77,32 @@ class Group:
         return frozenset(ax.key for ax in self.members)
 
 
+class FrozenKind(str, Enum):
+    """Why a channel space is left unpermuted, as data (``Frozen.reason`` is the human-readable detail)."""
+
+    MODEL_INPUT = "model_input"  # the task's boundary: fixed by the data, not a hidden unit ...
+    MODEL_OUTPUT = "model_output"  # ... fixed by the labels / the caller
+    TOKEN_ROWS = "token_rows"  # embedding rows indexed by token ids
+    NO_RULE = "no_rule"  # an op without a rule touched it (register one to unfreeze)
+    RULE_ERROR = "rule_error"  # a rule raised: a bug in permerge, frozen to stay safe
+    CONFLICT = "conflict"  # two layouts (concatenation vs heads, say) with no common refinement
+    UNSUPPORTED = "unsupported"  # a rule proves no non-trivial permutation keeps the function (RoPE dims, …)
+    LAYOUT = "layout"  # units sit at positions no Axis layout describes
+    UNREACHED = "unreached"  # a parameter the traced forward never reads: no evidence it may move
+    USER = "user"  # frozen on request (``freeze=``)
+    NON_CHANNEL = "non_channel"  # not a channel at all (kernel taps, spatial, batch axes); never reported
+
+    @property
+    def boundary(self) -> bool:
+        return self in _BOUNDARY
+
+
+_BOUNDARY = frozenset({FrozenKind.MODEL_INPUT, FrozenKind.MODEL_OUTPUT, FrozenKind.TOKEN_ROWS})
+
+
 @dataclass(frozen=True)
 class Frozen:
-    """A channel space left unpermuted, with the reason (model input/output, unknown op, …).
+    """A channel space left unpermuted: its ``kind`` (data) and the ``reason`` (for people).
 
     ``boundary`` spaces (model inputs, outputs, token-id rows) are fixed by the task itself and
     are not hidden units; every other frozen space is a hidden symmetry left unused.
@@ -81,7 +111,11 @@ class Frozen:
     size: int
     reason: str
     members: tuple[Axis, ...] = ()
-    boundary: bool = False
+    kind: FrozenKind = FrozenKind.UNSUPPORTED
+
+    @property
+    def boundary(self) -> bool:
+        return self.kind.boundary
 
 
 @dataclass(frozen=True)
@@ -210,7 +244,7 @@ class PermutationSpec:
             self[n]  # raises with the list of names
         keep = tuple(g for g in self.groups if g.name not in names)
         extra = tuple(
-            Frozen(g.size, f"frozen by user ({g.name})", g.members)
+            Frozen(g.size, f"frozen by user ({g.name})", g.members, FrozenKind.USER)
             for g in self.groups
             if g.name in names
         )
@@ -227,10 +261,10 @@ class PermutationSpec:
             return out
 
         return {
-            "format": "permerge.spec/1",
+            "format": _FORMAT,
             "groups": [{"name": g.name, "size": g.size, "members": axes(g.members)} for g in self.groups],
             "frozen": [
-                {"size": f.size, "reason": f.reason, "boundary": f.boundary, "members": axes(f.members)}
+                {"size": f.size, "kind": f.kind.value, "reason": f.reason, "members": axes(f.members)}
                 for f in self.frozen
             ],
         }
@@ -246,12 +280,7 @@ class PermutationSpec:
                 for g in data["groups"]  # type: ignore[union-attr]
             )
             frozen = tuple(
-                Frozen(
-                    int(f["size"]),
-                    str(f["reason"]),
-                    tuple(Axis(**a) for a in f.get("members", ())),
-                    bool(f.get("boundary", False)),
-                )
+                Frozen(int(f["size"]), str(f["reason"]), tuple(Axis(**a) for a in f.get("members", ())), _kind(f))
                 for f in data.get("frozen", ())  # type: ignore[union-attr]
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -318,4 +347,16 @@ class PermutationSpec:
         return {k: tuple(v) for k, v in out.items()}
 
 
-_AXIS_DEFAULTS = {"block": 1, "offset": 0, "repeat": 1, "stride": 0}
+_AXIS_DEFAULTS = {"block": 1, "offset": 0, "repeat": 1, "stride": 0, "role": None}
+_FORMAT = "permerge.spec/2"
+
+
+def _kind(f: Mapping[str, object]) -> FrozenKind:
+    """A frozen entry's kind; ``permerge.spec/1`` files had only a ``boundary`` flag."""
+    if "kind" in f:
+        return FrozenKind(f["kind"])
+    if not f.get("boundary", False):
+        return FrozenKind.UNSUPPORTED
+    reason = str(f.get("reason", ""))  # spec/1 only: its boundary reasons started with these words
+    return FrozenKind.MODEL_INPUT if reason.startswith("model input") else (
+        FrozenKind.TOKEN_ROWS if reason.startswith("embedding rows") else FrozenKind.MODEL_OUTPUT)

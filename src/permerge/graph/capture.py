@@ -18,7 +18,8 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind
 
 from permerge.errors import TraceError
-from permerge.graph.spaces import MODEL_INPUT
+from permerge.graph.spaces import Why
+from permerge.spec import FrozenKind
 
 LOG = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class Captured:
 
     graph: fx.Graph
     params: Mapping[str, str]  # placeholder name → state-dict key (parameters, persistent buffers)
-    frozen_inputs: Mapping[str, str]  # placeholder name → why it cannot move (constants, inputs)
+    frozen_inputs: Mapping[str, Why]  # placeholder name → why it cannot move (constants, inputs)
     aliases: Mapping[str, tuple[str, ...]]  # state-dict key → every key sharing its tensor
     state_keys: tuple[str, ...]  # state-dict order, for deterministic naming
     program: torch.export.ExportedProgram  # kept to record activations (graph/record.py)
@@ -109,7 +110,7 @@ def capture(
 
     ep = _with_training_flags_restored(model, run)
     params: dict[str, str] = {}
-    frozen: dict[str, str] = {}
+    frozen: dict[str, Why] = {}
     for spec in ep.graph_signature.input_specs:
         name = getattr(spec.arg, "name", None)
         if name is None:
@@ -117,10 +118,10 @@ def capture(
         if spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
             params[name] = spec.target
         elif spec.kind == InputKind.BUFFER:
-            frozen[name] = f"non-persistent buffer {spec.target} (not in the state dict)"
+            frozen[name] = Why(FrozenKind.UNSUPPORTED, f"non-persistent buffer {spec.target} (not in the state dict)")
         elif spec.kind == InputKind.USER_INPUT:
-            frozen[name] = f"{MODEL_INPUT} {name!r}"
+            frozen[name] = Why(FrozenKind.MODEL_INPUT, f"model input {name!r}")
         else:
-            frozen[name] = f"constant {spec.target}"
+            frozen[name] = Why(FrozenKind.UNSUPPORTED, f"constant {spec.target}")
     LOG.debug("exported %s: %d nodes", type(model).__name__, len(ep.graph.nodes))
     return Captured(ep.graph, params, frozen, _aliases(model), tuple(model.state_dict().keys()), ep)

@@ -7,13 +7,14 @@ block). A part that fits no such layout is frozen, and the extraction runs again
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 
 import torch
 
 from permerge.graph.propagate import Propagation
-from permerge.graph.spaces import BOUNDARY, NON_CHANNEL, PROD, Spaces
-from permerge.spec import Axis, Frozen, Group, PermutationSpec
+from permerge.graph.spaces import PROD, Spaces, Why
+from permerge.spec import CONSUMER, PRODUCER, Axis, Frozen, FrozenKind, Group, PermutationSpec
 
 __all__ = ["build_spec", "fit", "parts"]
 
@@ -78,16 +79,17 @@ def build_spec(
             for dim, s in enumerate(prop.param_dims[key]):
                 n = sp.size[sp.find(s)]
                 pieces = list(parts(sp, s, torch.arange(n).view(1, n, 1)))
+                role = CONSUMER if (key, dim) in prop.consumer_axes else PRODUCER
                 for i, (root, pos) in enumerate(pieces):
                     for alias in aliases.get(key, (key,)):
                         ax = fit(alias, dim, pos)
                         if ax is None:
                             misfit = root
                             break
-                        members.setdefault(root, []).append((ax, i, len(pieces)))
+                        members.setdefault(root, []).append((dataclasses.replace(ax, role=role), i, len(pieces)))
         if misfit is None:
             break
-        sp.freeze(misfit, "layout too irregular for an Axis (nested repeats)")
+        sp.freeze(misfit, Why(FrozenKind.LAYOUT, "layout too irregular for an Axis (nested repeats)"))
     groups: list[Group] = []
     roots: dict[str, int] = {}
     frozen: list[Frozen] = []
@@ -105,8 +107,8 @@ def build_spec(
             taken.add(name)
             groups.append(Group(name, size, axes))
             roots[name] = root
-        elif reason is not None and not reason.startswith(NON_CHANNEL) and size > 1:
-            frozen.append(Frozen(size, reason, axes, reason.startswith(BOUNDARY)))
+        elif reason is not None and reason.kind is not FrozenKind.NON_CHANNEL and size > 1:
+            frozen.append(Frozen(size, reason.text, axes, reason.kind))
     return PermutationSpec(tuple(groups), tuple(frozen)), roots
 
 

@@ -18,7 +18,8 @@ from torch import fx
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
 from permerge.graph.rules import RULES, Call, Dims, Rule, rule_key
-from permerge.graph.spaces import MODEL_OUTPUT, Spaces
+from permerge.graph.spaces import Spaces, Why
+from permerge.spec import FrozenKind
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _tensor_dims(v: Any) -> list[Dims]:
     return []
 
 
-def _fresh_for(spaces: Spaces, val: Any, reason: str) -> Any:
+def _fresh_for(spaces: Spaces, val: Any, reason: Why) -> Any:
     if isinstance(val, torch.Tensor):
         return tuple(spaces.new(int(n), reason) for n in val.shape)
     if isinstance(val, (tuple, list)):
@@ -79,12 +80,13 @@ def propagate(
                 param_dims[canon] = dims
                 env[node] = dims
             else:
-                env[node] = _fresh_for(spaces, val, cap.frozen_inputs.get(node.name, f"input {node.name}"))
+                why = cap.frozen_inputs.get(node.name, Why(FrozenKind.MODEL_INPUT, f"input {node.name}"))
+                env[node] = _fresh_for(spaces, val, why)
             continue
         if node.op == "output":
             for d in _tensor_dims([env.get(a) for a in _arg_nodes(node)]):
                 for s in d:
-                    spaces.freeze(s, MODEL_OUTPUT)
+                    spaces.freeze(s, Why(FrozenKind.MODEL_OUTPUT, "model output"))
             continue
         if node.op != "call_function":
             env[node] = None
@@ -127,7 +129,8 @@ def _frozen_node(
     node: fx.Node, spaces: Spaces, env: dict[fx.Node, Any], err: Exception, unknown: dict[str, int], strict: bool
 ) -> Any:
     target = str(node.target)
-    why = "no rule for this op" if str(err) == "no rule" else f"rule failed: {err}"
+    no_rule = str(err) == "no rule"
+    why = "no rule for this op" if no_rule else f"rule failed: {type(err).__name__}: {err}"
     touched = [s for a in _arg_nodes(node) for d in _tensor_dims(env.get(a)) for s in d]
     channels = [s for s in touched if not spaces.is_frozen(s) and spaces.size[spaces.find(s)] > 1]
     if strict and channels:
@@ -138,10 +141,10 @@ def _frozen_node(
             f"{' '.join(x.strip() for x in where)} Register a rule with "
             "permerge.graph.register_rule, or trace with strict=False to freeze them."
         ) from err
-    reason = f"{target} at node {node.name}: {why}"
+    reason = Why(FrozenKind.NO_RULE if no_rule else FrozenKind.RULE_ERROR, f"{target} at node {node.name}: {why}")
     for s in touched:
         spaces.freeze(s, reason)
     if channels:
         unknown[target] = unknown.get(target, 0) + 1
         LOG.info("froze %d axes at %s (%s)", len(channels), node.name, why)
-    return _fresh_for(spaces, node.meta.get("val"), f"output of {reason}")
+    return _fresh_for(spaces, node.meta.get("val"), Why(reason.kind, f"output of {reason.text}"))

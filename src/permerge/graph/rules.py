@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from permerge.graph.spaces import NON_CHANNEL, PROD, SUM, TOKEN_ROWS, Spaces
+from permerge.graph.spaces import PROD, SUM, Spaces, Why
+from permerge.spec import FrozenKind
 
 __all__ = ["RULES", "Call", "Dims", "register_rule"]
 
@@ -93,13 +94,18 @@ class Call:
         return isinstance(a, fx.Node) and isinstance(self.env.get(a), tuple)
 
     def fresh(self, shape: Sequence[int], what: str = "spatial") -> Dims:
-        return tuple(self.spaces.new(n, f"{NON_CHANNEL}{what} axis of {self.node.name}") for n in shape)
+        """New spaces for axes that are not channels (spatial, batch, statistics)."""
+        return tuple(self.non_channel(n, f"{what} axis") for n in shape)
+
+    def non_channel(self, n: int, what: str) -> int:
+        return self.spaces.new(n, Why(FrozenKind.NON_CHANNEL, f"{what} of {self.node.name}"))
 
     def union(self, a: int, b: int) -> int:
         return self.spaces.union(a, b)
 
-    def freeze(self, s: int, reason: str) -> None:
-        self.spaces.freeze(s, f"{reason} at node {self.node.name} ({self.node.target})")
+    def freeze(self, s: int, reason: str, kind: FrozenKind = FrozenKind.UNSUPPORTED) -> None:
+        """Freeze ``s``: by default because this op provably allows no non-trivial permutation of it."""
+        self.spaces.freeze(s, Why(kind, f"{reason} at node {self.node.name} ({self.node.target})"))
 
 
 # -- elementwise -----------------------------------------------------------------------------
@@ -118,7 +124,7 @@ def broadcast(c: Call, operands: Sequence[Any]) -> Dims:
                 continue
             j = len(out) - k
             dims[j] = ad[-k] if dims[j] is None else c.union(dims[j], ad[-k])
-    return tuple(d if d is not None else c.spaces.new(n, f"{NON_CHANNEL}broadcast") for d, n in zip(dims, out))
+    return tuple(d if d is not None else c.non_channel(n, "broadcast") for d, n in zip(dims, out))
 
 
 @register_rule(
@@ -189,7 +195,7 @@ def _reduce(c: Call) -> Dims | list[Dims]:
         a is True for a in c.node.args[2:] if isinstance(a, bool)
     )
     out = tuple(
-        (c.spaces.new(1, f"{NON_CHANNEL}reduced") if keep else None) if i in red else d
+        (c.non_channel(1, "reduced") if keep else None) if i in red else d
         for i, d in enumerate(xd)
     )
     out = tuple(d for d in out if d is not None)
@@ -228,7 +234,7 @@ def _matmul_dims(c: Call, a: Any, b: Any) -> Dims:
         cand = [
             dd[-k] for dd, sh in ((batch_a, ash), (batch_b, bsh)) if len(dd) >= k and sh[-k] == out[nb - k] and sh[-k] != 1
         ]
-        s = cand[0] if cand else c.spaces.new(out[nb - k], f"{NON_CHANNEL}broadcast")
+        s = cand[0] if cand else c.non_channel(out[nb - k], "broadcast")
         for o in cand[1:]:
             s = c.union(s, o)
         batch.append(s)
@@ -263,7 +269,7 @@ def _t(c: Call) -> Dims:
 def _conv(c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int) -> Dims:
     xd, wd = c.dims(x), c.dims(w)
     for k in wd[2:]:
-        c.spaces.freeze(k, f"{NON_CHANNEL}kernel tap")
+        c.spaces.freeze(k, Why(FrozenKind.NON_CHANNEL, "kernel tap"))
     if not transposed:
         if groups == 1:
             c.union(xd[1], wd[1])
@@ -382,7 +388,7 @@ def _group_norm(c: Call) -> Dims | list[Dims]:
 def _embedding(c: Call) -> Dims:
     w, idx = c.arg(0), c.arg(1)
     wd = c.dims(w)
-    c.freeze(wd[0], f"{TOKEN_ROWS} are indexed by token ids")
+    c.freeze(wd[0], "embedding rows are indexed by token ids", FrozenKind.TOKEN_ROWS)
     return c.dims(idx) + (wd[1],)
 
 
@@ -437,7 +443,7 @@ def _reshape(c: Call, x: Any) -> Dims:
         for p, s in zip(outs, parts):
             out[p] = s
         i, j = i1, j1
-    return tuple(s if s is not None else c.spaces.new(1, f"{NON_CHANNEL}unit axis") for s in out)
+    return tuple(s if s is not None else c.non_channel(1, "unit axis") for s in out)
 
 
 @register_rule(
@@ -455,7 +461,7 @@ def _expand(c: Call) -> Dims:
     lead = len(osh) - len(xd)
     out = list(c.fresh(osh[:lead], "expanded"))
     for d, n, m in zip(xd, ish, osh[lead:]):
-        out.append(d if n == m else c.spaces.new(m, f"{NON_CHANNEL}expanded axis"))
+        out.append(d if n == m else c.non_channel(m, "expanded axis"))
     return tuple(out)
 
 
@@ -503,7 +509,7 @@ def _slice(c: Call) -> Dims:
     out = list(xd)
     if step != 1:
         c.freeze(xd[dim], "strided slice")
-        out[dim] = c.spaces.new(c.out_shape[dim], f"{NON_CHANNEL}strided slice")
+        out[dim] = c.non_channel(c.out_shape[dim], "strided slice")
         return tuple(out)
     parts = _slice_parts(c, x, dim, (start, end))
     sizes = [c.spaces.size[c.spaces.find(p)] for p in parts]
@@ -563,7 +569,7 @@ def _repeat(c: Call) -> Dims:
     lead = len(reps) - len(xd)
     out = list(c.fresh(c.out_shape[:lead], "repeated"))
     for d, r in zip(xd, reps[lead:]):
-        out.append(d if r == 1 else c.spaces.compose(PROD, (c.spaces.new(r, f"{NON_CHANNEL}repeat count"), d)))
+        out.append(d if r == 1 else c.spaces.compose(PROD, (c.non_channel(r, "repeat count"), d)))
     return tuple(out)
 
 
@@ -577,7 +583,7 @@ def _pad(c: Call) -> Dims:
         j = len(xd) - 1 - k
         if pad[2 * k] or pad[2 * k + 1]:
             c.freeze(xd[j], "padded axis")
-            out[j] = c.spaces.new(c.out_shape[j], f"{NON_CHANNEL}padded axis")
+            out[j] = c.non_channel(c.out_shape[j], "padded axis")
     return tuple(out)
 
 

@@ -11,15 +11,18 @@ handed out in graph order, so the same model always yields the same groups.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from permerge.spec import FrozenKind
 
 SUM, PROD = "sum", "prod"
 
-# Reasons with this prefix mark axes that are not channels at all (kernel taps, spatial, batch,
-# sequence positions). They are frozen like any other but not reported as lost channels.
-NON_CHANNEL = "non-channel: "
-# Reasons that mark the task's own boundary (not hidden units): see Frozen.boundary.
-MODEL_INPUT, MODEL_OUTPUT, TOKEN_ROWS = "model input", "model output", "embedding rows"
-BOUNDARY = (MODEL_INPUT, MODEL_OUTPUT, TOKEN_ROWS)
+
+class Why(NamedTuple):
+    """Why a space is frozen: the kind (data, see :class:`~permerge.spec.FrozenKind`) and a text."""
+
+    kind: FrozenKind
+    text: str
 
 
 @dataclass
@@ -28,10 +31,10 @@ class Spaces:
 
     parent: list[int] = field(default_factory=list)
     size: list[int] = field(default_factory=list)
-    frozen: dict[int, str] = field(default_factory=dict)
+    frozen: dict[int, Why] = field(default_factory=dict)
     struct: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
 
-    def new(self, size: int, frozen: str | None = None) -> int:
+    def new(self, size: int, frozen: Why | None = None) -> int:
         s = len(self.parent)
         self.parent.append(s)
         self.size.append(int(size))
@@ -58,7 +61,7 @@ class Spaces:
     def structure(self, s: int) -> tuple[str, tuple[int, ...]] | None:
         return self.struct.get(self.find(s))
 
-    def freeze(self, s: int, reason: str) -> None:
+    def freeze(self, s: int, reason: Why) -> None:
         """Freeze ``s`` (all parts of it, if refined); the first reason given is kept."""
         r = self.find(s)
         st = self.struct.get(r)
@@ -88,7 +91,7 @@ class Spaces:
             if common is not None:
                 return self._regroup(kind, st[1], common, sizes)
             # Splits that share no common refinement: keep it correct by freezing both.
-            reason = f"conflicting layouts ({st[0]} {self._sizes(st[1])} vs {kind} {sizes})"
+            reason = Why(FrozenKind.CONFLICT, f"conflicting layouts ({st[0]} {self._sizes(st[1])} vs {kind} {sizes})")
             self.freeze(r, reason)
             return tuple(self.new(z, reason) for z in sizes)
         children = tuple(self.new(z) for z in sizes)
@@ -116,7 +119,9 @@ class Spaces:
                 for x, y in zip(sr[1], so[1]):
                     self.union(x, y)
             else:
-                reason = f"conflicting layouts ({sr[0]} {self._sizes(sr[1])} vs {so[0]} {self._sizes(so[1])})"
+                reason = Why(
+                    FrozenKind.CONFLICT, f"conflicting layouts ({sr[0]} {self._sizes(sr[1])} vs {so[0]} {self._sizes(so[1])})"
+                )
                 self.freeze(root, reason)
                 for c in so[1]:
                     self.freeze(c, reason)

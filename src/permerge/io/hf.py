@@ -105,7 +105,7 @@ def checkpoint_spec(
         return tuple(out)
 
     groups = tuple(Group(g.name, g.size, m) for g in spec.groups if (m := fix(g.members, True)))
-    frozen = tuple(Frozen(f.size, f.reason, fix(f.members, False), f.boundary) for f in spec.frozen)
+    frozen = tuple(Frozen(f.size, f.reason, fix(f.members, False), f.kind) for f in spec.frozen)
     if missing:
         raise PermergeIOError(
             f"the checkpoint lacks tensors the model permutes: {sorted(set(missing))[:10]}; is the checkpoint "

@@ -59,10 +59,9 @@ from torch import nn
 from permerge.apply import apply_permutation
 from permerge.errors import PermergeError, SpecError, StateDictMismatchError
 from permerge.graph import Traced, trace_graph
-from permerge.graph.spaces import MODEL_OUTPUT
 from permerge.merge import check_same_architecture
 from permerge.permutation import Permutation, check_permutation
-from permerge.spec import Axis, PermutationSpec
+from permerge.spec import Axis, FrozenKind, PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -488,14 +487,14 @@ def _output_groups(spec: PermutationSpec, consumers: frozenset[tuple[str, int]])
     """The model-output spaces as ``(name, size, members)``, for ``keep_heads``."""
     out = []
     for i, f in enumerate(spec.frozen):
-        if not (f.boundary and f.reason.startswith(MODEL_OUTPUT)):
+        if f.kind is not FrozenKind.MODEL_OUTPUT:
             continue
         if not f.members or any((a.key, a.dim) in consumers or a.repeat != 1 for a in f.members):
             raise PermergeError(
                 "keep_heads needs every model output to be produced by a parameter (a classifier head); "
                 f"output space {i} ({f.reason}) is not"
             )
-        out.append((f"<{MODEL_OUTPUT} {i}>", f.size, f.members))
+        out.append((f"<model output {i}>", f.size, f.members))
     if not out:
         raise PermergeError("keep_heads: the traced model has no output produced by a parameter (no head to keep)")
     return out

@@ -17,7 +17,7 @@ from torch import fx
 
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
-from permerge.graph.rules import RULES, Call, Dims, Rule, rule_key
+from permerge.graph.rules import RULES, Call, Dims, Rule, rule_for
 from permerge.graph.spaces import Spaces, Why
 from permerge.spec import FrozenKind
 
@@ -91,7 +91,7 @@ def propagate(
         if node.op != "call_function":
             env[node] = None
             continue
-        rule = table.get(rule_key(node.target))
+        rule = rule_for(node.target, table)
         try:
             if rule is None:
                 raise NotImplementedError("no rule")

@@ -13,7 +13,7 @@ vocabulary is small; register your own with :func:`register_rule`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,11 @@ def register_rule(*targets: object) -> Callable[[Rule], Rule]:
 def rule_key(target: object) -> object:
     """The registry key of a node target (ATen overloads share their packet's rule)."""
     return getattr(target, "overloadpacket", target)
+
+
+def rule_for(target: object, table: Mapping[object, Rule]) -> Rule | None:
+    """The rule ``table`` holds for a node's ``target`` (an ATen overload or any callable), or None."""
+    return table.get(rule_key(target))
 
 
 @dataclass(frozen=True)

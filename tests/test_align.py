@@ -98,7 +98,7 @@ def _batch_like(x, seed):
 def test_activation_matching_aligns_activations_across_the_zoo():
     """On a permuted copy, matched units have identical activations (dead units may swap)."""
     from permerge.graph import trace_graph
-    from permerge.graph.record import run_recording
+    from permerge.match.activation import record
 
     for name in ("mlp", "densenet", "unet", "hf_llama", "hf_gpt2", "transformer_torch"):
         model, x, kwargs, spec = traced(name)
@@ -109,9 +109,8 @@ def test_activation_matching_aligns_activations_across_the_zoo():
         aligned = pm.apply_permutation(spec, res.permutation, b.state_dict())
         traced_graph = trace_graph(model, (data[0],), example_kwargs=kwargs)
         sites = {s.axis.key for g in spec.groups for s in traced_graph.sites[g.name]}
-        got_a, got_b = {}, {}
-        run_recording(traced_graph.program, model.state_dict(), (data[0],), kwargs, sites, got_a.__setitem__)
-        run_recording(traced_graph.program, aligned, (data[0],), kwargs, sites, got_b.__setitem__)
+        got_a = record(traced_graph, model.state_dict(), (data[0],), kwargs, sites)
+        got_b = record(traced_graph, aligned, (data[0],), kwargs, sites)
         for k in sites:
             assert torch.allclose(got_a[k], got_b[k], atol=1e-5), (name, k)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import permerge as pm
 from permerge.evaluate import evaluate, interpolation_curve
-from permerge.graph.capture import capture
+from permerge.graph import trace_graph
 from permerge.models import MLP, VGG, ResNet20
 from permerge.repair import repair, repair_sites, repair_transform, reset_bn_stats
 
@@ -51,7 +51,7 @@ class TiedNet(nn.Module):
 
 
 def _sites(model, x, **kw):
-    return repair_sites(capture(model, x).program, **kw)
+    return repair_sites(trace_graph(model, x), **kw)
 
 
 def test_sites_are_found_in_the_graph_for_each_layer_kind():

@@ -8,12 +8,12 @@ Interpolation Repair") goes further and works for any network: every channel of 
 endpoints' statistics at the same site, and the correction is folded back into the weights, so
 the result is a plain model of the same architecture and key set.
 
-Sites are found in the ``torch.export`` ATen graph, by a registry of small per-op rules
-(:data:`SITE_RULES`): the output of ``linear`` / ``conv*`` / ``addmm`` whose weight and bias are
-state-dict tensors (used by that node only), and the output of ``batch_norm`` / ``layer_norm`` /
-``group_norm`` with an affine weight and bias. Everything else (bias-free convolutions feeding a
-norm, tied weights, multi-axis LayerNorm) is left alone: a site we cannot fold exactly is not a
-site.
+Sites are a filter over the traced model's layers (:mod:`permerge.graph.layers`): the output of
+``linear`` / ``conv*`` / ``addmm`` whose weight and bias are state-dict tensors used by that node
+only, and the output of ``batch_norm`` / ``layer_norm`` / ``group_norm`` with an affine weight and
+bias. Everything else (bias-free convolutions feeding a norm, tied weights, multi-axis LayerNorm)
+is left alone: a site we cannot fold exactly is not a site. The graph is run by the one graph
+runner (:mod:`permerge.graph.run`), so neither endpoint model is touched.
 """
 
 from __future__ import annotations
@@ -21,21 +21,23 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import operator
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
 from permerge.errors import PermergeError, StateDictMismatchError
+from permerge.graph import Traced, trace_graph
+from permerge.graph.layers import BATCH_NORM, CONV_TRANSPOSE, LAYER_NORM, Layer
+from permerge.graph.run import GraphRunner
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["SITE_RULES", "RepairSite", "register_site_rule", "repair", "repair_sites", "repair_transform", "reset_bn_stats"]
+__all__ = ["repair", "repair_merge", "repair_sites", "repair_transform", "reset_bn_stats"]
 
 aten = torch.ops.aten
 
@@ -44,11 +46,24 @@ def _inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def reset_bn_stats(model: nn.Module, data: Iterable[Any], batches: int = 10) -> nn.Module:
+def _user_inputs(batch: Any, example_kwargs: Mapping[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A batch (inputs, ``(inputs, targets)``, or a dict of keyword inputs) as ``(args, kwargs)``,
+    with ``example_kwargs`` (e.g. ``use_cache=False``) added to every call."""
+    x = _inputs(batch)
+    kwargs = dict(example_kwargs or {})
+    if isinstance(x, Mapping):
+        return (), {**kwargs, **x}
+    return (x if isinstance(x, tuple) else (x,)), kwargs
+
+
+def reset_bn_stats(
+    model: nn.Module, data: Iterable[Any], batches: int = 10, *, example_kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``data``.
 
     Uses the cumulative average over ``batches`` batches (``momentum=None``), so the estimate
-    does not depend on the old statistics. The input model is not modified.
+    does not depend on the old statistics. ``example_kwargs`` go to every forward call. The input
+    model is not modified.
     """
     out = copy.deepcopy(model)
     norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -61,193 +76,39 @@ def reset_bn_stats(model: nn.Module, data: Iterable[Any], batches: int = 10) -> 
     out.train()
     with torch.no_grad():
         for batch in itertools.islice(data, batches):
-            out(_inputs(batch))
+            args, kwargs = _user_inputs(batch, example_kwargs)
+            out(*args, **kwargs)
     for m, mom in zip(norms, momenta):
         m.momentum = mom
     return out.eval()
 
 
-# -- sites: a registry of per-op rules ----------------------------------------------------------
+# -- sites: a filter over the traced layers ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RepairSite:
-    """One place whose per-channel statistics REPAIR corrects.
-
-    ``node`` is the graph node whose output (element ``output_index`` of it when the op returns a
-    tuple) holds the channels along ``channel_dim``. The affine correction ``y·s + t`` is folded
-    into ``weight`` (scaled along ``weight_dim``) and ``bias`` (``bias·s + t``). ``running`` names
-    a BatchNorm's (running_mean, running_var) keys, re-estimated from the data before correcting.
-    """
-
-    node: str
-    channel_dim: int
-    weight: str
-    weight_dim: int
-    bias: str
-    output_index: int | None = None
-    running: tuple[str, str] | None = None
+def _repairable(layer: Layer) -> bool:
+    """A layer whose per-channel affine correction folds exactly into its own weight and bias."""
+    if not layer.rewritable or layer.bias is None:
+        return False
+    if layer.op == BATCH_NORM:
+        return layer.running is not None
+    if layer.op == LAYER_NORM:
+        return layer.normalized_dims == 1
+    if layer.op == CONV_TRANSPOSE:
+        return layer.groups == 1  # grouped: output channels are split over weight dims 0 and 1
+    return True
 
 
-@dataclass(frozen=True)
-class SiteContext:
-    """What a site rule may look at: placeholder name → state-dict key, and keys used more than once."""
-
-    params: Mapping[str, str]
-    shared: frozenset[str]
-
-    def key(self, arg: Any) -> str | None:
-        """The state-dict key of ``arg`` if it is an unshared parameter placeholder, else None."""
-        if isinstance(arg, fx.Node) and arg.op == "placeholder" and arg.name in self.params:
-            k = self.params[arg.name]
-            return None if k in self.shared or len(arg.users) != 1 else k
-        return None
-
-
-SiteRule = Callable[[fx.Node, SiteContext], "RepairSite | None"]
-SITE_RULES: dict[Any, SiteRule] = {}
-
-
-def register_site_rule(*ops: Any) -> Callable[[SiteRule], SiteRule]:
-    """Register ``rule(node, ctx) -> RepairSite | None`` for ATen ``ops`` (overloads or packets)."""
-
-    def deco(fn: SiteRule) -> SiteRule:
-        for op in ops:
-            SITE_RULES[op] = fn
-        return fn
-
-    return deco
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _affine(node: fx.Node, ctx: SiteContext, w: int, b: int, channel_dim: int, weight_dim: int = 0,
-            output_index: int | None = None) -> RepairSite | None:  # fmt: skip
-    wk, bk = ctx.key(_arg(node, w, "weight")), ctx.key(_arg(node, b, "bias"))
-    if wk is None or bk is None:
-        return None
-    return RepairSite(node.name, channel_dim, wk, weight_dim, bk, output_index)
-
-
-@register_site_rule(aten.linear.default)
-def _linear(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    return _affine(node, ctx, 1, 2, channel_dim=-1)
-
-
-@register_site_rule(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
-def _conv(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    return _affine(node, ctx, 1, 2, channel_dim=1)
-
-
-@register_site_rule(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
-def _conv_transpose(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    if _arg(node, 6, "groups", 1) != 1:
-        return None  # grouped transposed conv: output channels are split over weight dims 0 and 1
-    return _affine(node, ctx, 1, 2, channel_dim=1, weight_dim=1)
-
-
-@register_site_rule(aten.addmm.default)
-def _addmm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    bias, mat2 = node.args[0], node.args[2]
-    bk = ctx.key(bias)
-    if bk is None or node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-        return None
-    if ctx.key(mat2) is not None:  # HF Conv1D: weight is (in, out)
-        return RepairSite(node.name, -1, ctx.key(mat2), 1, bk)  # type: ignore[arg-type]
-    transposed = isinstance(mat2, fx.Node) and len(mat2.users) == 1 and (
-        mat2.target in (aten.t.default, aten.numpy_T.default)
-        or (mat2.target == aten.transpose.int and sorted(d % 2 for d in mat2.args[1:3]) == [0, 1])
-        or (mat2.target == aten.permute.default and list(mat2.args[1]) == [1, 0])
-    )  # fmt: skip
-    if transposed and ctx.key(mat2.args[0]) is not None:
-        return RepairSite(node.name, -1, ctx.key(mat2.args[0]), 0, bk)  # type: ignore[arg-type]
-    return None
-
-
-@register_site_rule(aten.batch_norm.default)
-def _batch_norm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    site = _affine(node, ctx, 1, 2, channel_dim=1)
-    rm, rv = ctx.key(_arg(node, 3, "running_mean")), ctx.key(_arg(node, 4, "running_var"))
-    if site is None or rm is None or rv is None:
-        return None
-    return RepairSite(site.node, 1, site.weight, 0, site.bias, None, (rm, rv))
-
-
-@register_site_rule(aten._native_batch_norm_legit_no_training.default)
-def _native_batch_norm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    site = _affine(node, ctx, 1, 2, channel_dim=1, output_index=0)
-    rm, rv = ctx.key(node.args[3]), ctx.key(node.args[4])
-    if site is None or rm is None or rv is None:
-        return None
-    return RepairSite(site.node, 1, site.weight, 0, site.bias, 0, (rm, rv))
-
-
-@register_site_rule(aten.layer_norm.default)
-def _layer_norm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    return _affine(node, ctx, 2, 3, channel_dim=-1) if len(node.args[1]) == 1 else None
-
-
-@register_site_rule(aten.native_layer_norm.default)
-def _native_layer_norm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    return _affine(node, ctx, 2, 3, channel_dim=-1, output_index=0) if len(node.args[1]) == 1 else None
-
-
-@register_site_rule(aten.group_norm.default)
-def _group_norm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    return _affine(node, ctx, 2, 3, channel_dim=1)
-
-
-@register_site_rule(aten.native_group_norm.default)
-def _native_group_norm(node: fx.Node, ctx: SiteContext) -> RepairSite | None:
-    return _affine(node, ctx, 1, 2, channel_dim=1, output_index=0)
-
-
-def _rule_for(target: Any) -> SiteRule | None:
-    return SITE_RULES.get(target) or SITE_RULES.get(getattr(target, "overloadpacket", None))
-
-
-def _feeds_output(node: fx.Node) -> bool:
-    return any(u.op == "output" for u in node.users) or any(
-        u.target is operator.getitem and any(v.op == "output" for v in u.users) for u in node.users
-    )
-
-
-def repair_sites(program: torch.export.ExportedProgram, *, include_outputs: bool = False) -> list[RepairSite]:
-    """The repairable sites of an exported program, in graph (topological) order.
+def repair_sites(traced: Traced, *, include_outputs: bool = False) -> list[Layer]:
+    """The repairable layers of a traced model, in graph (topological) order.
 
     ``include_outputs`` also corrects layers whose output is a model output (the logits); off by
     default, as in the REPAIR paper, which renormalises hidden layers only.
     """
-    params: dict[str, str] = {}
-    for spec in program.graph_signature.input_specs:
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and getattr(spec.arg, "name", None):
-            params[spec.arg.name] = spec.target
-    keys = list(params.values())
-    shared = frozenset(k for k in keys if keys.count(k) > 1)
-    ctx = SiteContext(params, shared)
-    sites = []
-    for node in program.graph.nodes:
-        rule = _rule_for(node.target) if node.op == "call_function" else None
-        site = rule(node, ctx) if rule is not None else None
-        if site is not None and (include_outputs or not _feeds_output(node)):
-            sites.append(site)
-    return sites
+    return [la for la in traced.layers if _repairable(la) and (include_outputs or not la.output)]
 
 
 # -- one layer-wise pass over the graph ---------------------------------------------------------
-
-
-class _PerBatch:
-    """A graph value that depends on the data: one tensor (or tuple) per batch."""
-
-    __slots__ = ("values",)
-
-    def __init__(self, values: list[Any]):
-        self.values = values
 
 
 @dataclass(frozen=True)
@@ -292,25 +153,18 @@ def _broadcast(t: torch.Tensor, ndim: int, dim: int, dtype: torch.dtype) -> torc
     return t.to(dtype).view(shape)
 
 
-def _user_inputs(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    x = _inputs(batch)
-    if isinstance(x, Mapping):
-        return (), dict(x)
-    return (x if isinstance(x, tuple) else (x,)), {}
-
-
-Correct = Callable[[RepairSite, ChannelStats], "tuple[torch.Tensor, torch.Tensor] | None"]
+Correct = Callable[[Layer, ChannelStats], "tuple[torch.Tensor, torch.Tensor] | None"]
 
 
 def _layerwise(
-    program: torch.export.ExportedProgram,
+    traced: Traced,
     state_dict: Mapping[str, torch.Tensor],
-    batches: Sequence[Any],
-    sites: Sequence[RepairSite],
+    batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    sites: Sequence[Layer],
     correct: Correct | None = None,
     samples: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, ChannelStats], dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Run the graph node by node over all ``batches`` at once.
+    """Run the traced graph node by node over all ``batches`` at once (the one graph runner).
 
     Each node is computed for every batch before the next node runs, so a site's statistics are
     exact population statistics over all the data, and ``correct(site, stats) -> (scale, shift)``
@@ -323,64 +177,25 @@ def _layerwise(
     fixed positions (see :func:`_sample_rows`) are stored there, so two models' runs pair up.
     """
     by_node = {s.node: s for s in sites}
-    gm = program.graph_module
-    nodes = list(gm.graph.nodes)
-    last_use: dict[fx.Node, int] = {}
-    for i, n in enumerate(nodes):
-        for a in n.all_input_nodes:
-            last_use[a] = i
-    placeholders = [n for n in nodes if n.op == "placeholder"]
-    specs = program.graph_signature.input_specs
-    if len(specs) != len(placeholders):
-        raise PermergeError("exported graph inputs and signature disagree; cannot run REPAIR on it")
-    inputs = [_user_inputs(b) for b in batches]
-    flat_users = [pytree.tree_flatten((args, kwargs))[0] for args, kwargs in inputs]
-    env: dict[fx.Node, Any] = {}
-    user_i = 0
-    for node, spec in zip(placeholders, specs):
-        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-            env[node] = state_dict[spec.target] if spec.target in state_dict else (
-                program.state_dict.get(spec.target, program.constants.get(spec.target)))  # fmt: skip
-        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
-            env[node] = program.constants[spec.target]
-        elif spec.kind == InputKind.USER_INPUT:
-            try:
-                env[node] = _PerBatch([flat[user_i] for flat in flat_users])
-            except IndexError:
-                raise PermergeError("batches have fewer inputs than the traced example input") from None
-            user_i += 1
-        else:
-            raise PermergeError(f"cannot feed graph input of kind {spec.kind}")
     stats: dict[str, ChannelStats] = {}
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     buffers: dict[str, torch.Tensor] = {}
-    nb = len(batches)
+
+    def intercept(node: fx.Node, calls: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[Any] | None:
+        site = by_node.get(node.name)
+        return _batch_norm_reset(calls, site, buffers) if site is not None and site.running is not None else None
+
+    def hook(node: fx.Node, values: list[Any]) -> list[Any] | None:
+        site = by_node.get(node.name)
+        return None if site is None else _measure_and_correct(values, site, stats, corrections, correct, samples)
+
     with torch.no_grad():
-        for i, node in enumerate(nodes):
-            if node.op != "call_function":
-                continue
-            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
-            site = by_node.get(node.name)
-            leaves, tree = pytree.tree_flatten((args, kwargs))
-            if site is not None and site.running is not None and isinstance(args[0], _PerBatch):
-                env[node] = _batch_norm_reset(node, args, site, buffers)
-            elif any(isinstance(v, _PerBatch) for v in leaves):
-                outs = []
-                for b in range(nb):
-                    a_b, k_b = pytree.tree_unflatten([v.values[b] if isinstance(v, _PerBatch) else v for v in leaves], tree)
-                    outs.append(node.target(*a_b, **k_b))
-                env[node] = _PerBatch(outs)
-            else:
-                env[node] = node.target(*args, **kwargs)
-            if site is not None and isinstance(env[node], _PerBatch):
-                env[node] = _measure_and_correct(env[node], site, stats, corrections, correct, samples)
-            for a in node.all_input_nodes:
-                if last_use.get(a) == i and a.op != "placeholder":
-                    env.pop(a, None)
+        GraphRunner(traced.program, state_dict, batches, hook=hook, intercept=intercept).run()
     return stats, corrections, buffers
 
 
-def _batch_norm_reset(node: fx.Node, args: tuple[Any, ...], site: RepairSite, buffers: dict[str, torch.Tensor]) -> _PerBatch:
+def _batch_norm_reset(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], site: Layer,
+                      buffers: dict[str, torch.Tensor]) -> list[Any]:  # fmt: skip
     """A BatchNorm node run as :func:`reset_bn_stats` runs it: each batch normalised by its own
     statistics (train mode), the running statistics re-estimated as their average over batches
     (``momentum=None``: batch means, *unbiased* batch variances) and stored in ``buffers``.
@@ -390,35 +205,35 @@ def _batch_norm_reset(node: fx.Node, args: tuple[Any, ...], site: RepairSite, bu
     the running statistics instead (exact eval-mode values) made REPAIR slightly worse than a BN
     reset on BN nets (ResNet-20 x2 midpoint test loss 1.354 vs 1.348, 10k images).
     """
-    x, weight, bias = args[0], args[1], args[2]
-    eps = _arg(node, 7 if node.target == aten.batch_norm.default else 6, "eps", 1e-5)
+    assert site.running is not None and site.eps is not None
+    weight, bias, rm, rv = calls[0][0][1:5]
     means, variances, outs = [], [], []
-    for v in x.values:
+    for args, _ in calls:
+        v = args[0]
         dims = [d for d in range(v.dim()) if d != 1]
         var, mean = torch.var_mean(v, dim=dims, unbiased=False)
         n = v.numel() // v.shape[1]
         means.append(mean.double())
         variances.append(var.double() * (n / max(n - 1, 1)))
-        rstd = torch.rsqrt(var + eps)
+        rstd = torch.rsqrt(var + site.eps)
         y = (v - _broadcast(mean, v.dim(), 1, v.dtype)) * _broadcast(rstd, v.dim(), 1, v.dtype)
         y = y * _broadcast(weight, v.dim(), 1, v.dtype) + _broadcast(bias, v.dim(), 1, v.dtype)
         outs.append(y if site.output_index is None else (y, mean, rstd))
-    rm, rv = args[3], args[4]
-    buffers[site.running[0]] = torch.stack(means).mean(0).to(rm.dtype)  # type: ignore[index]
-    buffers[site.running[1]] = torch.stack(variances).mean(0).to(rv.dtype)  # type: ignore[index]
-    return _PerBatch(outs)
+    buffers[site.running[0]] = torch.stack(means).mean(0).to(rm.dtype)
+    buffers[site.running[1]] = torch.stack(variances).mean(0).to(rv.dtype)
+    return outs
 
 
 def _measure_and_correct(
-    value: _PerBatch,
-    site: RepairSite,
+    values: list[Any],
+    site: Layer,
     stats: dict[str, ChannelStats],
     corrections: dict[str, tuple[torch.Tensor, torch.Tensor]],
     correct: Correct | None,
     samples: dict[str, torch.Tensor] | None = None,
-) -> _PerBatch:
+) -> list[Any] | None:
     k = site.output_index
-    ys = [v if k is None else v[k] for v in value.values]
+    ys = [v if k is None else v[k] for v in values]
     mean, var = _channel_stats(ys, site.channel_dim)
     if samples is not None:
         samples[site.node] = _sample_rows(ys, site.channel_dim)
@@ -426,14 +241,14 @@ def _measure_and_correct(
     stats[site.node] = st
     fix = correct(site, st) if correct is not None else None
     if fix is None:
-        return value
+        return None
     scale, shift = fix
     corrections[site.node] = fix
     dim = site.channel_dim
     fixed = [y * _broadcast(scale, y.dim(), dim, y.dtype) + _broadcast(shift, y.dim(), dim, y.dtype) for y in ys]
     if k is None:
-        return _PerBatch(fixed)
-    return _PerBatch([(*v[:k], f, *v[k + 1 :]) for v, f in zip(value.values, fixed)])
+        return fixed
+    return [(*v[:k], f, *v[k + 1 :]) for v, f in zip(values, fixed)]
 
 
 # -- REPAIR -------------------------------------------------------------------------------------
@@ -456,50 +271,55 @@ def _leading(batch: Any) -> int | None:
 
 
 class _Repairer:
-    """Everything REPAIR needs that does not depend on α: the graph, its sites, A's and B's statistics."""
+    """Everything REPAIR needs that does not depend on the merge weights: the traced graph, its
+    sites, and every endpoint's statistics there."""
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module, data: Iterable[Any], batches: int,
-                 include_outputs: bool, eps: float, min_correlation: float | None = None):  # fmt: skip
-        # graph/ imports heavy machinery; keep repair light to import
-        from permerge.graph.capture import capture
-
+    def __init__(self, models: Sequence[nn.Module], data: Iterable[Any], batches: int, include_outputs: bool,
+                 eps: float, min_correlation: float | None, example_kwargs: Mapping[str, Any] | None):  # fmt: skip
         if min_correlation is not None and not -1.0 <= min_correlation <= 1.0:
             raise PermergeError(f"min_correlation must be a correlation in [-1, 1], got {min_correlation}")
-        if type(model_a) is not type(model_b):
-            raise StateDictMismatchError(f"models have different classes: {type(model_a).__name__} vs {type(model_b).__name__}")
-        self.batches = _take_batches(data, batches)
-        args, kwargs = _user_inputs(self.batches[0])
-        self.program = capture(model_a, args, kwargs).program
-        self.sites = repair_sites(self.program, include_outputs=include_outputs)
-        self.keys = set(model_a.state_dict())
+        if min_correlation is not None and len(models) != 2:
+            raise PermergeError(f"min_correlation compares two endpoints; got {len(models)} models")
+        if len(models) < 2:
+            raise PermergeError(f"REPAIR needs at least two endpoint models, got {len(models)}")
+        for m in models[1:]:
+            if type(m) is not type(models[0]):
+                raise StateDictMismatchError(
+                    f"models have different classes: {type(models[0]).__name__} vs {type(m).__name__}")  # fmt: skip
+        self.batches = [_user_inputs(b, example_kwargs) for b in _take_batches(data, batches)]
+        args, kwargs = self.batches[0]
+        self.traced = trace_graph(models[0], args, example_kwargs=kwargs)
+        self.sites = repair_sites(self.traced, include_outputs=include_outputs)
+        self.keys = set(models[0].state_dict())
         self.eps = eps
         if not self.sites:
             LOG.warning("REPAIR found no repairable site (linear/conv with bias, or affine norm) in %s",
-                        type(model_a).__name__)  # fmt: skip
-        LOG.info("REPAIR: %d sites, %d batches", len(self.sites), len(self.batches))
-        rows_a: dict[str, torch.Tensor] | None = {} if min_correlation is not None else None
-        rows_b: dict[str, torch.Tensor] | None = {} if min_correlation is not None else None
-        self.stats_a = _layerwise(self.program, model_a.state_dict(), self.batches, self.sites, samples=rows_a)[0]
-        self.stats_b = _layerwise(self.program, model_b.state_dict(), self.batches, self.sites, samples=rows_b)[0]
+                        type(models[0]).__name__)  # fmt: skip
+        LOG.info("REPAIR: %d sites, %d batches, %d endpoints", len(self.sites), len(self.batches), len(models))
+        rows: list[dict[str, torch.Tensor]] | None = [{} for _ in models] if min_correlation is not None else None
+        self.stats = [
+            _layerwise(self.traced, m.state_dict(), self.batches, self.sites, samples=rows[i] if rows else None)[0]
+            for i, m in enumerate(models)
+        ]
         # channel → repaired? (all of them without a correlation threshold)
         self.gate: dict[str, torch.Tensor] = {}
-        if rows_a is not None and rows_b is not None:
-            for node in rows_a:
-                self.gate[node] = _correlation(rows_a[node], rows_b[node]) >= min_correlation
+        if rows is not None:
+            for node in rows[0]:
+                self.gate[node] = _correlation(rows[0][node], rows[1][node]) >= min_correlation
             kept = sum(int(g.sum()) for g in self.gate.values())
             total = sum(g.numel() for g in self.gate.values())
             LOG.info("REPAIR: %d of %d channels have A–B correlation >= %g", kept, total, min_correlation)
 
-    def __call__(self, merged: nn.Module, alpha: float) -> nn.Module:
+    def __call__(self, merged: nn.Module, weights: Sequence[float]) -> nn.Module:
         sd = merged.state_dict()
         if set(sd) != self.keys:
             raise StateDictMismatchError(f"merged model's keys differ from model A's: {sorted(set(sd) ^ self.keys)[:10]}")
+        weights = _check_weights(weights, len(self.stats))
         eps = self.eps
 
-        def correct(site: RepairSite, st: ChannelStats) -> tuple[torch.Tensor, torch.Tensor]:
-            a, b = self.stats_a[site.node], self.stats_b[site.node]
-            mean_t = (1 - alpha) * a.mean + alpha * b.mean
-            std_t = (1 - alpha) * a.std + alpha * b.std
+        def correct(site: Layer, st: ChannelStats) -> tuple[torch.Tensor, torch.Tensor]:
+            mean_t = sum(w * s[site.node].mean for w, s in zip(weights, self.stats))
+            std_t = sum(w * s[site.node].std for w, s in zip(weights, self.stats))
             scale = (std_t + eps) / (st.std + eps)
             shift = mean_t - st.mean * scale
             gate = self.gate.get(site.node)
@@ -507,12 +327,13 @@ class _Repairer:
                 scale, shift = torch.where(gate, scale, 1.0), torch.where(gate, shift, 0.0)
             return scale, shift
 
-        _, corrections, buffers = _layerwise(self.program, sd, self.batches, self.sites, correct)
+        _, corrections, buffers = _layerwise(self.traced, sd, self.batches, self.sites, correct)
         new = {k: v.clone() for k, v in sd.items()}
         new.update(buffers)
         for site in self.sites:
             if site.node not in corrections:  # its value did not depend on the data
                 continue
+            assert site.weight is not None and site.bias is not None
             scale, shift = corrections[site.node]
             w, b = new[site.weight], new[site.bias]
             new[site.weight] = w * _broadcast(scale, w.dim(), site.weight_dim, w.dtype)
@@ -520,6 +341,15 @@ class _Repairer:
         out = copy.deepcopy(merged)
         out.load_state_dict(new)
         return out.eval()
+
+
+def _check_weights(weights: Sequence[float], n: int) -> list[float]:
+    w = [float(x) for x in weights]
+    if len(w) != n:
+        raise PermergeError(f"got {len(w)} merge weights for {n} endpoint models")
+    if not all(math.isfinite(x) and x >= 0 for x in w) or abs(sum(w) - 1.0) > 1e-6:
+        raise PermergeError(f"merge weights must be finite, non-negative and sum to 1, got {w}")
+    return w
 
 
 def repair(
@@ -533,6 +363,7 @@ def repair(
     include_outputs: bool = False,
     eps: float = 1e-5,
     min_correlation: float | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """REPAIR: a copy of ``merged`` whose channel statistics match the endpoints' interpolation.
 
@@ -574,6 +405,8 @@ def repair(
             statistics. REPAIR's target assumes matched units compute the same feature; where
             they do not (a poor alignment), rescaling a blend of two unrelated features
             amplifies it. Off by default (the paper's REPAIR); see docs/benchmarks.md.
+        example_kwargs: keyword arguments for every forward call (``use_cache=False`` for an HF
+            causal LM, say).
 
     Returns:
         A corrected copy of ``merged`` (same class and keys), in eval mode.
@@ -588,7 +421,31 @@ def repair(
         >>> sorted(fixed.state_dict()) == sorted(a.state_dict())
         True
     """
-    return _Repairer(model_a, model_b, data, batches, include_outputs, eps, min_correlation)(merged, alpha)
+    return _Repairer([model_a, model_b], data, batches, include_outputs, eps, min_correlation, example_kwargs)(
+        merged, [1.0 - alpha, alpha]
+    )
+
+
+def repair_merge(
+    models: Sequence[nn.Module],
+    merged: nn.Module,
+    data: Iterable[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    batches: int = 10,
+    include_outputs: bool = False,
+    eps: float = 1e-5,
+    example_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """REPAIR for an N-model merge: ``merged = Σ wᵢ θᵢ`` of aligned ``models`` (MergeMany, C2M3, …).
+
+    Every repairable site of ``merged`` gets the per-channel mean ``Σ wᵢ μᵢ`` and standard deviation
+    ``Σ wᵢ σᵢ`` of the members (uniform ``weights`` by default), exactly as :func:`repair` does for
+    two (which is this with ``weights = (1-α, α)``); BatchNorm statistics are reset on the data first.
+    Neither the members nor ``merged`` are modified.
+    """
+    weights = [1.0 / len(models)] * len(models) if weights is None else list(weights)
+    return _Repairer(models, data, batches, include_outputs, eps, None, example_kwargs)(merged, weights)
 
 
 def repair_transform(
@@ -600,6 +457,7 @@ def repair_transform(
     include_outputs: bool = False,
     eps: float = 1e-5,
     min_correlation: float | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
 ) -> Callable[[nn.Module, float], nn.Module]:
     """REPAIR as an ``interpolation_curve(..., transform=...)`` hook: ``(merged, α) -> repaired``.
 
@@ -609,4 +467,5 @@ def repair_transform(
     Example:
         >>> curve = interpolation_curve(a, b, test, transform=repair_transform(a, b, train))  # doctest: +SKIP
     """
-    return _Repairer(model_a, model_b, data, batches, include_outputs, eps, min_correlation)
+    repairer = _Repairer([model_a, model_b], data, batches, include_outputs, eps, min_correlation, example_kwargs)
+    return lambda merged, alpha: repairer(merged, [1.0 - alpha, alpha])

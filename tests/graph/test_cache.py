@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -113,7 +115,8 @@ def test_registering_a_rule_invalidates(captures, monkeypatch):
 
 def test_custom_rules_and_unkeyable_inputs_are_not_cached(captures):
     class Opaque:
-        pass
+        def __init__(self) -> None:
+            self.table = torch.zeros(3)  # state that is not a plain value: nothing stable to key on
 
     class TakesOpaque(nn.Module):
         def __init__(self) -> None:
@@ -127,7 +130,50 @@ def test_custom_rules_and_unkeyable_inputs_are_not_cached(captures):
     pm.trace(MLP(hidden=(8,)), x, rules={})
     pm.trace(MLP(hidden=(8,)), x, rules={})
     m = TakesOpaque()
-    assert cache.key(m, torch.randn(2, 4), {"extra": Opaque()}, False, graph.RULES) is None
+    call = graph.Example((torch.randn(2, 4),), {"extra": Opaque()})
+    assert cache.key(m, [call], False, graph.RULES) is None
+    assert len(captures) == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    residual: bool
+    scale: float = 1.0
+
+
+class ConfiguredGate(Gated):
+    """The coupling depends on a dataclass config object, not a plain attribute."""
+
+    def __init__(self, cfg: GateConfig) -> None:
+        super().__init__(False)
+        del self.residual
+        self.cfg = cfg
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) + (h if self.cfg.residual else 0)
+
+
+def test_configuration_objects_are_keyed_by_value(captures):
+    x = torch.randn(3, 6)
+    plain = pm.trace(ConfiguredGate(GateConfig(False)), x)
+    residual = pm.trace(ConfiguredGate(GateConfig(True)), x)
+    assert len(captures) == 2  # same class, other field values: traced again
+    assert [g.size for g in plain.groups] == [6] and residual.groups == ()
+    assert pm.trace(ConfiguredGate(GateConfig(True)), x) is residual  # an equal config hits
+    assert len(captures) == 2
+
+
+def test_an_object_attribute_without_a_stable_value_disables_the_cache(captures):
+    class Holder:
+        def __init__(self) -> None:
+            self.mask = torch.ones(6)
+
+    x = torch.randn(3, 6)
+    m = Gated(False)
+    m.helper = Holder()
+    pm.trace(m, x)
+    pm.trace(m, x)
     assert len(captures) == 2
 
 

@@ -1,14 +1,18 @@
-"""A per-process cache of traced specs, keyed by everything the trace can depend on.
+"""A per-process cache of traced graphs, keyed by everything the trace can depend on.
 
 Tracing (``torch.export``) is most of a small model's alignment time (0.24 of 0.32 s for a
-ResNet-20), yet the spec depends only on the architecture and the example input's shapes, not on
-the weights. So :func:`permerge.trace` keeps the last specs it derived under a key made of
+ResNet-20), yet its product depends only on the architecture and the example calls' shapes, not on
+the weights. So :func:`permerge.graph.trace_graph` keeps the last products it derived under a key
+made of
 
-* every submodule's name, class (the class object itself, so a redefined class is a new key),
-  plain configuration attributes (ints, floats, strings, ... and HF-style ``config.to_dict()``),
-  the qualified names of function attributes (``self.act = F.relu``) and the types of the rest;
+* every submodule's name, class (the class object itself, so a redefined class is a new key) and
+  configuration, **by value**: plain attributes (numbers, strings, dtypes, ...), containers of
+  them, dataclasses, enums, ``functools.partial`` objects, classes and functions (by identity) and
+  HF-style ``config.to_dict()``; an attribute with no value to key on (an arbitrary object) makes
+  the model uncacheable — it is traced every time rather than risk another instance's spec;
 * every parameter's and buffer's name, shape and dtype, and which names share one tensor (tying);
-* the example inputs' structure: tensors by shape, dtype and device type, other leaves by value;
+* every example call's structure: tensors by shape, dtype and device type, other leaves by value,
+  and its mode (eval or train);
 * the ``strict`` flag and the rule registry's contents (so a newly registered rule re-traces).
 
 A forward pass that depends on anything else (a global, a monkeypatched method) can defeat the
@@ -18,36 +22,43 @@ key; ``trace(..., cache=False)`` bypasses the cache and :func:`clear` empties it
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import inspect
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from permerge.spec import PermutationSpec
-
 __all__ = ["MAX_ENTRIES", "clear", "get", "key", "put"]
 
 MAX_ENTRIES = 32
-"""Specs kept (least recently used evicted first); each is a few KB of axes, no tensors."""
+"""Traced products kept (least recently used evicted first); each holds a graph, no weights."""
 
-_PLAIN = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device)
-_CACHE: OrderedDict[Hashable, PermutationSpec] = OrderedDict()
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_CACHE: OrderedDict[Hashable, Any] = OrderedDict()
+_DEPTH = 6  # how deep configuration objects are followed before giving up (no caching)
 
 
-def key(
-    model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None, strict: bool,
-    rules: Mapping[object, Any],
-) -> Hashable | None:  # fmt: skip
-    """The cache key of a trace, or ``None`` (do not cache) when ``model`` is not a module or an
-    input leaf has no stable value to key on."""
-    inputs = _leaves((example_inputs, dict(example_kwargs or {})))
-    if inputs is None or not isinstance(model, nn.Module):
+class _Unkeyable(Exception):
+    """A value with nothing stable to key on: the trace is not cached."""
+
+
+def key(model: nn.Module, calls: Sequence[Any], strict: bool, rules: Mapping[object, Any]) -> Hashable | None:
+    """The cache key of a trace of ``model`` under example ``calls`` (each with ``args``, ``kwargs``,
+    ``train``), or ``None`` (do not cache) when ``model`` is not a module or an input leaf or a
+    configuration attribute has no stable value to key on."""
+    if not isinstance(model, nn.Module):
         return None
-    modules = tuple((name, type(m), _config(m)) for name, m in model.named_modules(remove_duplicate=False))
+    try:
+        inputs = tuple((_leaves((c.args, dict(c.kwargs))), bool(c.train)) for c in calls)
+        modules = tuple((name, type(m), _config(m)) for name, m in model.named_modules(remove_duplicate=False))
+    except _Unkeyable:
+        return None
     first: dict[int, int] = {}
     tensors = []
     for i, (name, t) in enumerate(
@@ -58,61 +69,81 @@ def key(
     return (modules, tuple(tensors), inputs, strict, registry)
 
 
-def get(k: Hashable) -> PermutationSpec | None:
-    """The cached spec for ``k`` (marked most recently used), or ``None``."""
-    spec = _CACHE.get(k)
-    if spec is not None:
+def get(k: Hashable) -> Any | None:
+    """The cached product for ``k`` (marked most recently used), or ``None``."""
+    value = _CACHE.get(k)
+    if value is not None:
         _CACHE.move_to_end(k)
-    return spec
+    return value
 
 
-def put(k: Hashable, spec: PermutationSpec) -> None:
-    """Remember ``spec`` under ``k``, evicting the least recently used beyond :data:`MAX_ENTRIES`."""
-    _CACHE[k] = spec
+def put(k: Hashable, value: Any) -> None:
+    """Remember ``value`` under ``k``, evicting the least recently used beyond :data:`MAX_ENTRIES`."""
+    _CACHE[k] = value
     _CACHE.move_to_end(k)
     while len(_CACHE) > MAX_ENTRIES:
         _CACHE.popitem(last=False)
 
 
 def clear() -> None:
-    """Forget every cached spec (the next :func:`permerge.trace` of any model traces again)."""
+    """Forget every cached product (the next trace of any model traces again)."""
     _CACHE.clear()
 
 
 def _config(m: nn.Module) -> tuple[tuple[str, Hashable], ...]:
-    """A module's configuration: its plain public attributes and an HF-style ``config``."""
+    """A module's configuration, by value: its public attributes other than submodules and tensors."""
     items = []
     for name, value in vars(m).items():
         if name.startswith("_") or isinstance(value, (nn.Module, torch.Tensor)):
             continue
         if name == "config" and callable(getattr(value, "to_dict", None)):
             items.append((name, repr(sorted(value.to_dict().items(), key=lambda kv: kv[0]))))
-        elif (v := _plain(value)) is not None:
-            items.append((name, v))
-        elif inspect.isroutine(value):  # e.g. self.act = F.relu: which function it is matters
-            items.append((name, (getattr(value, "__module__", None), getattr(value, "__qualname__", repr(value)))))
         else:
-            items.append((name, type(value)))  # an opaque attribute: at least its type must agree
+            items.append((name, _value(value, _DEPTH)))
     return tuple(items)
 
 
-def _plain(value: Any) -> Hashable | None:
-    if isinstance(value, _PLAIN):
-        return (type(value), value)
-    if isinstance(value, (tuple, list)):
-        parts = [_plain(v) for v in value]
-        return None if any(p is None for p in parts) else (type(value), tuple(parts))
-    return None
+def _value(v: Any, depth: int) -> Hashable:
+    """A hashable value standing for ``v``'s configuration, or :class:`_Unkeyable`."""
+    if depth < 0:
+        raise _Unkeyable
+    if isinstance(v, (*_PLAIN, enum.Enum)):
+        return (type(v), v)
+    if isinstance(v, type):
+        return ("class", v)
+    if isinstance(v, (tuple, list, frozenset, set)):
+        items = [_value(x, depth - 1) for x in v]
+        return (type(v), tuple(sorted(items, key=repr)) if isinstance(v, (set, frozenset)) else tuple(items))
+    if isinstance(v, Mapping):
+        return (type(v), tuple(sorted(((repr(k), _value(x, depth - 1)) for k, x in v.items()), key=lambda kv: kv[0])))
+    if isinstance(v, functools.partial):
+        return ("partial", _value(v.func, depth - 1), _value(v.args, depth - 1), _value(v.keywords, depth - 1))
+    if inspect.isroutine(v):  # self.act = F.relu: which function it is matters
+        owner = getattr(v, "__self__", None)
+        if owner is not None and not isinstance(owner, type) and not inspect.ismodule(owner):
+            raise _Unkeyable  # a bound method of some object: its state is not part of the key
+        code = getattr(v, "__code__", None)  # Python functions: the code and what it closes over
+        cells = tuple(_value(c.cell_contents, depth - 1) for c in (getattr(v, "__closure__", None) or ()))
+        defaults = _value(getattr(v, "__defaults__", None), depth - 1)
+        return ("routine", getattr(v, "__module__", None), getattr(v, "__qualname__", None), code, cells, defaults)
+    if dataclasses.is_dataclass(v):
+        fields = tuple((f.name, _value(getattr(v, f.name), depth - 1)) for f in dataclasses.fields(v))
+        return (type(v), fields)
+    if isinstance(v, torch.Tensor):
+        raise _Unkeyable  # a tensor held outside the state dict: its values may change the graph
+    state = getattr(v, "__dict__", None)
+    if state is not None and not isinstance(v, nn.Module):
+        return (type(v), tuple(sorted(((k, _value(x, depth - 1)) for k, x in state.items() if not k.startswith("__")),
+                                      key=lambda kv: kv[0])))  # fmt: skip
+    raise _Unkeyable
 
 
-def _leaves(inputs: Any) -> tuple[Hashable, ...] | None:
+def _leaves(inputs: Any) -> tuple[Hashable, ...]:
     out: list[Hashable] = []
     leaves, treespec = pytree.tree_flatten(inputs)
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             out.append(("tensor", tuple(leaf.shape), leaf.dtype, leaf.device.type))
-        elif (v := _plain(leaf)) is not None:
-            out.append(v)
         else:
-            return None
+            out.append(_value(leaf, _DEPTH))
     return (str(treespec), *out)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.export.graph_signature import InputKind
+from torch.export.graph_signature import InputKind, OutputKind
 
 from permerge.errors import TraceError
 from permerge.graph.spaces import Why
@@ -23,19 +23,48 @@ from permerge.spec import FrozenKind
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["Captured", "capture", "as_args"]
+__all__ = ["STATE", "CONSTANT", "USER", "Captured", "Program", "capture", "as_args"]
+
+STATE, CONSTANT, USER = "state", "constant", "user"
+
+
+@dataclass(frozen=True)
+class Program:
+    """An exported ATen graph and how to feed it — without the model's weights.
+
+    ``inputs[i]`` says what placeholder ``i`` takes: ``(STATE, key)`` a state-dict tensor (bound by
+    :mod:`permerge.graph.run` from any mapping, so the same graph runs with A's, B's or a merged
+    model's weights, or with tensors read lazily from a checkpoint), ``(CONSTANT, name)`` one of
+    ``constants`` (non-persistent buffers, lifted constants), ``(USER, None)`` the next flattened
+    user input. ``user_outputs`` are the positions of the graph's outputs the forward returns
+    (the rest are buffer mutations of a train-mode export). Holding no weights, a cached program
+    keeps no model alive.
+    """
+
+    module: fx.GraphModule
+    inputs: tuple[tuple[str, str | None], ...]
+    constants: Mapping[str, torch.Tensor]
+    user_outputs: tuple[int, ...]
+    example: tuple[tuple[Any, ...], Mapping[str, Any]]  # the (args, kwargs) it was exported with
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.module.graph
 
 
 @dataclass(frozen=True)
 class Captured:
-    """An exported graph plus what each placeholder is."""
+    """An exported program plus what each placeholder is, for channel propagation."""
 
-    graph: fx.Graph
+    program: Program
     params: Mapping[str, str]  # placeholder name → state-dict key (parameters, persistent buffers)
     frozen_inputs: Mapping[str, Why]  # placeholder name → why it cannot move (constants, inputs)
     aliases: Mapping[str, tuple[str, ...]]  # state-dict key → every key sharing its tensor
     state_keys: tuple[str, ...]  # state-dict order, for deterministic naming
-    program: torch.export.ExportedProgram  # kept to record activations (graph/record.py)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.program.graph
 
 
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
@@ -78,10 +107,10 @@ def _raise_for_input(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
             ) from e
 
 
-def _with_training_flags_restored(model: nn.Module, fn: Any) -> Any:
+def _with_training_flags_restored(model: nn.Module, fn: Any, train: bool) -> Any:
     flags = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
+        model.train(train)
         return fn()
     finally:
         for m, t in flags:
@@ -89,9 +118,10 @@ def _with_training_flags_restored(model: nn.Module, fn: Any) -> Any:
 
 
 def capture(
-    model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None
+    model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None, *, train: bool = False
 ) -> Captured:
-    """Export ``model`` in eval mode (flags restored afterwards; weights never touched)."""
+    """Export ``model`` in eval mode, or train mode with ``train`` (flags restored afterwards;
+    weights and buffers never touched)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
     args, kwargs = as_args(example_inputs), dict(example_kwargs or {})
@@ -108,20 +138,33 @@ def capture(
                 "spec via --spec), or register a rule for the op."
             ) from e
 
-    ep = _with_training_flags_restored(model, run)
+    ep = _with_training_flags_restored(model, run, train)
     params: dict[str, str] = {}
     frozen: dict[str, Why] = {}
-    for spec in ep.graph_signature.input_specs:
-        name = getattr(spec.arg, "name", None)
-        if name is None:
-            continue
+    inputs: list[tuple[str, str | None]] = []
+    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    specs = ep.graph_signature.input_specs
+    if len(placeholders) != len(specs):
+        raise TraceError(f"the exported graph of {type(model).__name__} has inputs its signature does not describe")
+    for node, spec in zip(placeholders, specs):
+        name = node.name
         if spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
             params[name] = spec.target
+            inputs.append((STATE, spec.target))
         elif spec.kind == InputKind.BUFFER:
             frozen[name] = Why(FrozenKind.UNSUPPORTED, f"non-persistent buffer {spec.target} (not in the state dict)")
+            inputs.append((CONSTANT, spec.target))
         elif spec.kind == InputKind.USER_INPUT:
             frozen[name] = Why(FrozenKind.MODEL_INPUT, f"model input {name!r}")
-        else:
+            inputs.append((USER, None))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
             frozen[name] = Why(FrozenKind.UNSUPPORTED, f"constant {spec.target}")
+            inputs.append((CONSTANT, spec.target))
+        else:
+            raise TraceError(f"the exported graph of {type(model).__name__} takes a {spec.kind.name} input, "
+                             "which permerge cannot feed")  # fmt: skip
+    user_outputs = tuple(i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT)
+    constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
+    program = Program(ep.graph_module, tuple(inputs), constants, user_outputs, (args, kwargs))
     LOG.debug("exported %s: %d nodes", type(model).__name__, len(ep.graph.nodes))
-    return Captured(ep.graph, params, frozen, _aliases(model), tuple(model.state_dict().keys()), ep)
+    return Captured(program, params, frozen, _aliases(model), tuple(model.state_dict().keys()))

@@ -8,7 +8,7 @@ recorded; with ``strict=True`` it raises instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,15 +59,41 @@ def _arg_nodes(node: fx.Node) -> list[fx.Node]:
 
 
 def propagate(
-    cap: Captured, rules: Mapping[object, Rule] | None = None, strict: bool = False
+    caps: Sequence[Captured], rules: Mapping[object, Rule] | None = None, strict: bool = False
 ) -> Propagation:
-    """Run every node's rule in graph order; returns the tied, refined and frozen spaces."""
+    """Run every node's rule in graph order, over every captured call; one set of spaces for all.
+
+    Several captures (the same model exported under other example calls: other keyword arguments,
+    train mode) share their parameters' spaces, so their constraints add up: a unit may move only if
+    it may move under every call. A parameter no call reads is frozen (UNREACHED): nothing shows how
+    its axes relate to the rest. Activation sites (``values``) come from the first capture.
+    """
     table = {**RULES, **(rules or {})}
     spaces = Spaces()
-    env: dict[fx.Node, Any] = {}
     param_dims: dict[str, Dims] = {}
+    reached: set[str] = set()
     unknown: dict[str, int] = {}
     consumers: set[tuple[str, int]] = set()
+    live: set[int] = set()
+    values: dict[str, Any] = {}
+    for i, cap in enumerate(caps):
+        env = _propagate_one(cap, table, strict, spaces, param_dims, reached, unknown, consumers)
+        live |= {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
+        if i == 0:
+            values = {n.name: v for n, v in env.items() if n.op == "call_function"}
+    for key, dims in param_dims.items():
+        if key not in reached:
+            for s in dims:
+                spaces.freeze(s, Why(FrozenKind.UNREACHED, f"{key} is not read by the traced forward"))
+    live = {spaces.find(s) for s in live}
+    return Propagation(spaces, param_dims, frozenset(live), values, frozenset(consumers), unknown)
+
+
+def _propagate_one(
+    cap: Captured, table: Mapping[object, Rule], strict: bool, spaces: Spaces, param_dims: dict[str, Dims],
+    reached: set[str], unknown: dict[str, int], consumers: set[tuple[str, int]],
+) -> dict[fx.Node, Any]:  # fmt: skip
+    env: dict[fx.Node, Any] = {}
     for node in cap.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder":
@@ -78,15 +104,19 @@ def propagate(
                 if canon in param_dims:
                     dims = tuple(spaces.union(a, b) for a, b in zip(param_dims[canon], dims))
                 param_dims[canon] = dims
+                if node.users:
+                    reached.add(canon)
                 env[node] = dims
             else:
                 why = cap.frozen_inputs.get(node.name, Why(FrozenKind.MODEL_INPUT, f"input {node.name}"))
                 env[node] = _fresh_for(spaces, val, why)
             continue
         if node.op == "output":
-            for d in _tensor_dims([env.get(a) for a in _arg_nodes(node)]):
-                for s in d:
-                    spaces.freeze(s, Why(FrozenKind.MODEL_OUTPUT, "model output"))
+            outs = node.args[0]
+            for i in cap.program.user_outputs:
+                for d in _tensor_dims(env.get(outs[i]) if isinstance(outs[i], fx.Node) else None):
+                    for s in d:
+                        spaces.freeze(s, Why(FrozenKind.MODEL_OUTPUT, "model output"))
             continue
         if node.op != "call_function":
             env[node] = None
@@ -100,9 +130,7 @@ def propagate(
             env[node] = _frozen_node(node, spaces, env, e, unknown, strict)
         else:
             consumers |= _consumer_axes(node, env, spaces, cap)
-    live = {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
-    values = {n.name: v for n, v in env.items() if n.op == "call_function"}
-    return Propagation(spaces, param_dims, frozenset(live), values, frozenset(consumers), unknown)
+    return env
 
 
 def _consumer_axes(node: fx.Node, env: dict[fx.Node, Any], spaces: Spaces, cap: Captured) -> set[tuple[str, int]]:

@@ -21,8 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.errors import PermergeError, SpecError
-from permerge.graph import trace_graph
-from permerge.graph.record import run_recording
+from permerge.graph import Traced, trace_graph
+from permerge.graph.run import run_program
 from permerge.graph.sites import Site
 from permerge.match import lap
 from permerge.permutation import Permutation
@@ -30,7 +30,7 @@ from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ActivationMatchingResult", "Correlation", "activation_matching", "batch_inputs"]
+__all__ = ["ActivationMatchingResult", "Correlation", "activation_matching", "batch_inputs", "record"]
 
 
 @dataclass(frozen=True)
@@ -155,13 +155,24 @@ def activation_matching(
     )
 
 
-def _accumulate(traced: Any, spec: PermutationSpec, sd_a: Any, sd_b: Any, inputs: tuple[Any, ...],
+def record(traced: Traced, state_dict: Mapping[str, torch.Tensor], inputs: tuple[Any, ...],
+           kwargs: Mapping[str, Any], wanted: set[str]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The values of graph nodes ``wanted`` when the traced program runs on ``inputs`` with ``state_dict``."""
+    values: dict[str, torch.Tensor] = {}
+
+    def keep(node: Any, vals: list[Any]) -> None:
+        if node.name in wanted and isinstance(vals[0], torch.Tensor):
+            values[node.name] = vals[0]
+
+    run_program(traced.program, state_dict, inputs, kwargs, hook=keep)
+    return values
+
+
+def _accumulate(traced: Traced, spec: PermutationSpec, sd_a: Any, sd_b: Any, inputs: tuple[Any, ...],
                 kwargs: Mapping[str, Any], corr: dict[tuple[str, int], Correlation]) -> None:  # fmt: skip
     wanted = {site.axis.key for g in spec.groups for site in traced.sites[g.name]}
-    vals_a: dict[str, torch.Tensor] = {}
-    run_recording(traced.program, sd_a, inputs, kwargs, wanted, vals_a.__setitem__)
-    vals_b: dict[str, torch.Tensor] = {}
-    run_recording(traced.program, sd_b, inputs, kwargs, wanted, vals_b.__setitem__)
+    vals_a = record(traced, sd_a, inputs, kwargs, wanted)
+    vals_b = record(traced, sd_b, inputs, kwargs, wanted)
     for g in spec.groups:
         for i, site in enumerate(traced.sites[g.name]):
             a, b = (_unit_samples(v[site.axis.key], site, g.size) for v in (vals_a, vals_b))

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from permerge.align import align
-from permerge.graph import trace, trace_graph
+from permerge.graph import trace
 from permerge.match import activation_matching, weight_matching
 from permerge.merge import merge
 from permerge.merge.many import merge_many
@@ -112,17 +112,17 @@ def _budgeted(models: Sequence[nn.Module], example_inputs: Any, method: str, *, 
         )  # fmt: skip
         model, part, arch = res.model, res.partial, res.architecture()
     else:
-        traced = trace_graph(a, example_inputs, example_kwargs=example_kwargs)
-        if spec is not None:
+        if spec is None:
+            spec = trace(a, example_inputs, example_kwargs=example_kwargs)
+        else:
             spec.validate(a.state_dict())
         if data is not None:
-            am = activation_matching(a, b, spec or traced.spec, data, example_kwargs=example_kwargs,
-                                     return_costs=True, quiet=quiet)  # fmt: skip
+            am = activation_matching(a, b, spec, data, example_kwargs=example_kwargs, return_costs=True, quiet=quiet)
             perm, costs, report["matching"] = am.permutation, am.costs, "activation"
         else:
-            perm = weight_matching(spec or traced.spec, a.state_dict(), b.state_dict(), seed=seed).permutation
+            perm = weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed).permutation
             costs, report["matching"] = None, "weight (pairs kept apart by weight similarity)"
-        part = partial_merge(traced if spec is None else spec, a, b, perm, costs, budget, keep_heads=keep_heads,
+        part = partial_merge(spec, a, b, perm, costs, budget, keep_heads=keep_heads,
                              example_inputs=example_inputs, example_kwargs=example_kwargs)  # fmt: skip
         model, arch = part.model, part.architecture()
     report.update(widths=dict(part.widths), parameters=sum(p.numel() for p in model.parameters()), notes=list(part.notes))

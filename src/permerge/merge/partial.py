@@ -14,7 +14,7 @@ A's features and B's aligned features into a ``2n`` "ensemble" vector. A merge m
 ``M U = I``. A tensor of the merged model is the block-diagonal ensemble of A's and π(B)'s tensor
 with ``M`` applied on every axis that *produces* the group's features (a weight's output rows,
 biases, norm parameters and running statistics) and ``U`` on every axis that *reads* them (a
-weight's input columns; :attr:`permerge.graph.Traced.consumer_axes`). Both are sparse — each
+weight's input columns: traced axes with role ``consumer``). Both are sparse — each
 merged position comes from one or two ensemble positions — so they are applied as index-adds,
 never as dense matrices. Spaces no group owns (model inputs and outputs, frozen spaces) are
 shared: the first layer reads the one input, the output layer averages the two models' outputs
@@ -58,10 +58,9 @@ from torch import nn
 
 from permerge.apply import apply_permutation
 from permerge.errors import PermergeError, SpecError, StateDictMismatchError
-from permerge.graph import Traced, trace_graph
 from permerge.merge import check_same_architecture
 from permerge.permutation import Permutation, check_permutation
-from permerge.spec import Axis, FrozenKind, PermutationSpec
+from permerge.spec import CONSUMER, Axis, FrozenKind, PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -469,18 +468,17 @@ class PartialMergeResult:
         }  # fmt: skip
 
 
-def _as_traced(
-    spec_or_traced: Traced | PermutationSpec | None, model_a: nn.Module, example_inputs: Any, example_kwargs: Any
-) -> tuple[PermutationSpec, Traced]:
-    if isinstance(spec_or_traced, Traced):
-        return spec_or_traced.spec, spec_or_traced
-    if example_inputs is None:
-        raise PermergeError(
-            "partial merging must know which tensor axes read a group's features and which produce them: pass "
-            "the Traced from permerge.graph.trace_graph(model, example_inputs), or example_inputs= with the spec"
+def _consumer_axes(spec: PermutationSpec) -> frozenset[tuple[str, int]]:
+    """``(key, dim)`` of every axis that reads a group's features, from the traced axis roles."""
+    axes = [a for g in spec.groups for a in g.members] + [a for f in spec.frozen for a in f.members]
+    unknown = sorted({f"{a.key}:{a.dim}" for a in axes if a.role is None})
+    if unknown:
+        raise SpecError(
+            f"partial merging must know which axes read a group's features and which produce them, but "
+            f"{len(unknown)} axes have no role (e.g. {unknown[0]}): pass a traced spec (permerge.trace) or set "
+            "each axis's \"role\" (\"producer\"/\"consumer\") in the spec JSON"
         )
-    traced = trace_graph(model_a, example_inputs, example_kwargs=example_kwargs)
-    return (spec_or_traced or traced.spec), traced
+    return frozenset((a.key, a.dim) for a in axes if a.role == CONSUMER)
 
 
 def _output_groups(spec: PermutationSpec, consumers: frozenset[tuple[str, int]]) -> list[tuple[str, int, tuple[Axis, ...]]]:
@@ -501,7 +499,7 @@ def _output_groups(spec: PermutationSpec, consumers: frozenset[tuple[str, int]])
 
 
 def partial_merge(
-    spec_or_traced: Traced | PermutationSpec | None,
+    spec: PermutationSpec,
     model_a: nn.Module,
     model_b: nn.Module,
     perm: Mapping[str, torch.Tensor],
@@ -516,8 +514,8 @@ def partial_merge(
     """Merge A and B (aligned by ``perm``) into a model between 1× and 2× as wide.
 
     Args:
-        spec_or_traced: the :class:`~permerge.graph.Traced` of model A (it knows which axes read a
-            group's features); or a spec plus ``example_inputs`` (traced here); or None with them.
+        spec: model A's traced spec (its axis roles say which axes read a group's features and
+            which produce them).
         model_a, model_b: same architecture; neither is modified.
         perm: B's permutation onto A (``activation_matching`` / ``weight_matching``); groups it
             does not name stay unpermuted.
@@ -529,24 +527,22 @@ def partial_merge(
             ``g`` of ``n`` units keeps ``round((budget - 1) · n)`` pairs apart.
         keep_heads: do not average the model outputs: the merged model returns A's outputs, then
             B's, concatenated along the output dimension (two label spaces, two heads).
-        check: run the merged model on the example input (a forward that hard-codes widths fails
-            here, with a clear error, rather than later).
+        example_inputs, example_kwargs: an example call; with ``check``, the merged model is run on
+            it (a forward that hard-codes widths fails here, with a clear error, rather than later).
 
     Returns:
         :class:`PartialMergeResult`.
 
     Example:
         >>> import torch, permerge
-        >>> from permerge.graph import trace_graph
         >>> from permerge.models import MLP
         >>> a, b = MLP(hidden=(8,)), MLP(hidden=(8,))
-        >>> traced = trace_graph(a, torch.randn(2, 784))
-        >>> res = partial_merge(traced, a, b, permerge.identity(traced.spec), None, 1.5)
+        >>> spec = permerge.trace(a, torch.randn(2, 784))
+        >>> res = partial_merge(spec, a, b, permerge.identity(spec), None, 1.5)
         >>> dict(res.widths), res.model.net[1].out_features
         ({'net.1.weight:0': 12}, 12)
     """
-    spec, traced = _as_traced(spec_or_traced, model_a, example_inputs, example_kwargs)
-    consumers = traced.consumer_axes
+    consumers = _consumer_axes(spec)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture([sd_a, sd_b], ["model A", "model B"])
     spec.validate(sd_a)
@@ -586,8 +582,8 @@ def partial_merge(
     notes = [f"group {g!r} kept fully merged: {why}" for g, why in sorted(fixed.items()) if (global_budget or 1.0) > 1.0]
     notes += width_notes
     widths = {n: m.width for n, m in merges.items()}
-    if check:
-        _check_forward(model, traced, sorted(n for n, m in merges.items() if m.width != m.size))
+    if check and example_inputs is not None:
+        _check_forward(model, example_inputs, example_kwargs, sorted(n for n, m in merges.items() if m.width != m.size))
     LOG.info("partial merge: widths %s", {n: f"{merges[n].size}→{w}" for n, w in widths.items() if w != merges[n].size})
     return PartialMergeResult(
         model=model.eval(),
@@ -629,14 +625,12 @@ def _merge_tensor(ta: torch.Tensor, tb: torch.Tensor, dims: Mapping[int, DimMap]
     return out.to(ta.dtype)
 
 
-def _check_forward(model: nn.Module, traced: Traced, widened: list[str]) -> None:
-    example = getattr(traced.program, "example_inputs", None)
-    if not example:
-        return
-    args, kwargs = example
+def _check_forward(model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
+                   widened: list[str]) -> None:  # fmt: skip
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad():
-            model.eval()(*args, **kwargs)
+            model.eval()(*args, **dict(example_kwargs or {}))
     except Exception as e:
         raise PermergeError(
             f"the widened model's forward failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "

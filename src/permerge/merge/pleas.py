@@ -25,13 +25,13 @@ the fitted shift goes into the layer's bias, or into the BatchNorm's shift for b
 convolutions, and the BatchNorm's running statistics are reset to the statistics of the new
 pre-norm outputs with its affine adjusted so the function is exactly what was fitted (so a later
 statistics reset changes little). Layers fitted: ``linear`` and ungrouped ``conv2d`` whose weight
-is a state-dict parameter used once; others (grouped/depthwise convolutions, tied weights, ops
-without a rule in :data:`LAYER_RULES`) keep their partially merged weights and are reported as
-skipped.
+is a state-dict parameter used once (a filter over the traced layers, :func:`fittable_layers`);
+others (grouped/depthwise convolutions, tied weights, computed weights) keep their partially
+merged weights and are reported as skipped.
 
-The graph is the ``torch.export`` program of the widened merged model, run node by node for
-every batch in lockstep (:class:`_Stepper`): each batch pauses just before the layer being fitted,
-so one pass over the merged model and one over each original per batch suffices for the whole
+The graph is the traced program of the widened merged model, run node by node for every batch in
+lockstep by the one graph runner (:mod:`permerge.graph.run`): it pauses just before the layer
+being fitted, so one pass over the merged model and one over each original suffices for the whole
 fit. Convolutions are sampled at ``positions`` random output locations per image.
 
 Multi-head models (two label spaces): ``keep_heads=True`` keeps both output layers; the merged
@@ -45,20 +45,19 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
-from torch.export.graph_signature import InputKind
-from torch.utils import _pytree as pytree
+from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.errors import PermergeError
-from permerge.graph import trace_graph
-from permerge.graph.capture import capture
+from permerge.graph import Traced, trace_graph
+from permerge.graph.layers import CONV, LINEAR, Layer
+from permerge.graph.run import GraphRunner
 from permerge.match.activation import activation_matching, batch_inputs
 from permerge.merge.partial import Budget, PartialMergeResult, partial_merge, resolve_budget
 from permerge.permutation import Permutation
@@ -67,206 +66,44 @@ from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["LAYER_RULES", "Layer", "LayerFit", "PleasResult", "pleas", "register_layer_rule", "ridge_step"]
+__all__ = ["LayerFit", "PleasResult", "fittable_layers", "pleas", "ridge_step"]
 
 aten = torch.ops.aten
 
 
-# -- layers: a registry of small rules over the exported graph ------------------------------------
+# -- fittable layers: a filter over the traced layers ---------------------------------------------
 
 
-@dataclass(frozen=True)
-class Norm:
-    """An inference-mode BatchNorm right after a layer (its only user), folded into the fit."""
-
-    node: str
-    weight: str
-    bias: str
-    mean: str
-    var: str
-    eps: float
-
-
-@dataclass(frozen=True)
-class Layer:
-    """A fittable layer: ``node`` computes ``weight · input (+ bias)``; its feature is ``target``."""
-
-    node: str
-    kind: str  # "linear" | "conv2d"
-    input: str
-    weight: str
-    bias: str | None
-    conv: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None  # stride, padding, dilation
-    norm: Norm | None = None
-
-    @property
-    def target(self) -> str:
-        return self.norm.node if self.norm else self.node
-
-
-LayerRule = Callable[[fx.Node, Mapping[str, str]], "Layer | str"]
-LAYER_RULES: dict[Any, LayerRule] = {}
-"""ATen op → rule returning a :class:`Layer`, or a string saying why the node cannot be fitted."""
-
-
-def register_layer_rule(*ops: Any) -> Callable[[LayerRule], LayerRule]:
-    def decorate(fn: LayerRule) -> LayerRule:
-        for op in ops:
-            LAYER_RULES[op] = fn
-        return fn
-
-    return decorate
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
-
-
-def _param(a: Any, params: Mapping[str, str]) -> str | None:
-    return params.get(a.name) if isinstance(a, fx.Node) else None
-
-
-@register_layer_rule(aten.linear.default)
-def _linear(node: fx.Node, params: Mapping[str, str]) -> Layer | str:
-    w, b = _param(node.args[1], params), _param(_arg(node, 2, "bias"), params)
-    if w is None or (_arg(node, 2, "bias") is not None and b is None):
-        return "weight or bias is not a state-dict tensor"
-    return Layer(node.name, "linear", node.args[0].name, w, b)
-
-
-@register_layer_rule(aten.conv2d.default)
-def _conv2d(node: fx.Node, params: Mapping[str, str]) -> Layer | str:
-    w, b = _param(node.args[1], params), _param(_arg(node, 2, "bias"), params)
-    if w is None or (_arg(node, 2, "bias") is not None and b is None):
-        return "weight or bias is not a state-dict tensor"
-    if _arg(node, 6, "groups", 1) != 1:
-        return "grouped convolution"
-
-    def pair(v: Any) -> tuple[int, ...]:
-        return tuple(v) * (2 // len(v)) if isinstance(v, (list, tuple)) else (int(v), int(v))
-
-    conv = (pair(_arg(node, 3, "stride", 1)), pair(_arg(node, 4, "padding", 0)), pair(_arg(node, 5, "dilation", 1)))
-    return Layer(node.name, "conv2d", node.args[0].name, w, b, conv)
-
-
-def _norm_after(node: fx.Node, params: Mapping[str, str]) -> Norm | None:
-    users = list(node.users)
-    if len(users) != 1 or users[0].target is not aten.batch_norm.default:
-        return None
-    bn = users[0]
-    if bn.args[0] is not node or _arg(bn, 5, "training") is not False:
-        return None
-    keys = [_param(_arg(bn, i, n), params) for i, n in ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var"))]
-    if any(k is None for k in keys):
-        return None  # non-affine BatchNorm: its shift cannot absorb the fitted bias
-    return Norm(bn.name, *keys, float(_arg(bn, 7, "eps", 1e-5)))  # type: ignore[arg-type]
-
-
-def _param_names(program: torch.export.ExportedProgram) -> dict[str, str]:
-    return {
-        s.arg.name: s.target
-        for s in program.graph_signature.input_specs
-        if s.kind in (InputKind.PARAMETER, InputKind.BUFFER) and s.target is not None
-    }
-
-
-def find_layers(program: torch.export.ExportedProgram) -> tuple[list[Layer], dict[str, str]]:
-    """Fittable layers in graph order, and ``{node: reason}`` for layer-like nodes that are not."""
-    params = _param_names(program)
-    uses: dict[str, int] = {}
-    for n in program.graph.nodes:
-        for a in n.all_input_nodes:
-            if a.name in params:
-                uses[params[a.name]] = uses.get(params[a.name], 0) + 1
+def fittable_layers(traced: Traced) -> tuple[list[Layer], dict[str, str]]:
+    """The layers PLeaS refits, in graph order, and ``{node: reason}`` for the linear/conv ones it
+    cannot: weights in the ``(out, in, ...)`` layout that only this layer reads, ungrouped 2-d
+    convolutions; a following inference-mode BatchNorm is folded into the fit (:attr:`Layer.norm`)."""
     layers, skipped = [], {}
-    for n in program.graph.nodes:
-        rule = LAYER_RULES.get(n.target)
-        if rule is None:
+    for la in traced.layers:
+        if la.op not in (LINEAR, CONV):
             continue
-        got = rule(n, params)
-        if isinstance(got, str):
-            skipped[n.name] = got
-        elif uses.get(got.weight, 0) != 1:
-            skipped[n.name] = f"weight {got.weight!r} is used by {uses.get(got.weight, 0)} nodes"
+        if la.weight is None or la.computed:
+            skipped[la.node] = "weight or bias is not a state-dict tensor"
+        elif la.shared:
+            skipped[la.node] = f"weight {la.weight!r} is tied or read by another node"
+        elif la.weight_dim != 0:
+            skipped[la.node] = "weight stored as (in, out) (a Conv1D)"
+        elif la.op == CONV and (la.groups != 1 or la.conv is None or len(la.conv[0]) != 2):
+            skipped[la.node] = "grouped convolution" if la.groups != 1 else "not a 2-d convolution"
         else:
-            norm = _norm_after(n, params)
-            layers.append(Layer(got.node, got.kind, got.input, got.weight, got.bias, got.conv, norm))
+            norm = traced.layer(la.norm) if la.norm is not None else None
+            folded = norm is not None and norm.rewritable and norm.bias is not None and norm.running is not None
+            layers.append(replace(la, norm=la.norm if folded else None))
     return layers, skipped
 
 
-# -- running a graph node by node -----------------------------------------------------------------
-
-
-class _Stepper:
-    """Runs an exported graph on one batch, node by node, pausing where asked.
-
-    Parameters and buffers are looked up in ``params`` when a node uses them, so weights refitted
-    while the stepper is paused take effect for every node not yet run. Values are freed after
-    their last use, except the nodes in ``keep``, which are held until :meth:`take`.
-    """
-
-    def __init__(self, program: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor],
-                 args: tuple[Any, ...], kwargs: Mapping[str, Any], keep: set[str]) -> None:  # fmt: skip
-        self.nodes = list(program.graph.nodes)
-        self.params, self.keep = params, keep
-        self.lazy: dict[str, str] = {}
-        self.env: dict[str, Any] = {}
-        self.kept: dict[str, Any] = {}
-        user = iter(pytree.tree_flatten((tuple(args), dict(kwargs)))[0])
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        for spec, node in zip(program.graph_signature.input_specs, placeholders):
-            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.target in params:
-                self.lazy[node.name] = spec.target
-            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                self.env[node.name] = program.state_dict.get(spec.target, program.constants.get(spec.target))
-            elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
-                self.env[node.name] = program.constants[spec.target]
-            elif spec.kind == InputKind.USER_INPUT:
-                self.env[node.name] = next(user)
-            else:
-                raise PermergeError(f"cannot feed graph input of kind {spec.kind}")
-        last: dict[str, int] = {}
-        for i, n in enumerate(self.nodes):
-            for a in n.all_input_nodes:
-                last[a.name] = i
-        self.free_at: dict[int, list[str]] = {}
-        for name, i in last.items():
-            self.free_at.setdefault(i, []).append(name)
-        self.i = len(placeholders)
-
-    def _get(self, n: fx.Node) -> Any:
-        return self.params[self.lazy[n.name]] if n.name in self.lazy else self.env[n.name]
-
-    def _step(self) -> None:
-        n = self.nodes[self.i]
-        if n.op == "call_function":
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), self._get)
-            self.env[n.name] = n.target(*args, **kwargs)
-            if n.name in self.keep:
-                self.kept[n.name] = self.env[n.name]
-        elif n.op != "output":
-            raise PermergeError(f"cannot run graph node {n.name} ({n.op})")
-        for name in self.free_at.get(self.i, ()):
-            self.env.pop(name, None)
-        self.i += 1
-
-    def run_to(self, name: str) -> None:
-        """Run every node before ``name`` (``name`` itself not yet)."""
-        while self.nodes[self.i].name != name:
-            if self.nodes[self.i].op == "output":
-                raise PermergeError(f"graph node {name} was not reached")
-            self._step()
-
-    def value(self, name: str) -> Any:
-        return self.env[name]
-
-    def take(self, name: str) -> Any:
-        """The value of kept node ``name``, running the graph up to it if needed."""
-        while name not in self.kept:
-            if self.nodes[self.i].op == "output":
-                raise PermergeError(f"graph node {name} was not reached")
-            self._step()
-        return self.kept.pop(name)
+def _target(traced: Traced, layer: Layer) -> tuple[str, int | None]:
+    """The node whose value is the layer's feature (after a folded BatchNorm) and its tuple index."""
+    if layer.norm is None:
+        return layer.node, layer.output_index
+    norm = traced.layer(layer.norm)
+    assert norm is not None
+    return norm.node, norm.output_index
 
 
 # -- the least-squares step -----------------------------------------------------------------------
@@ -300,7 +137,7 @@ class LayerFit:
     """One layer's least-squares fit: mean squared feature error per unit and sample, before/after."""
 
     weight: str
-    kind: str
+    op: str  # "linear" | "conv"
     norm: str | None  # the folded BatchNorm's node, if any
     samples: int
     before: float
@@ -410,19 +247,19 @@ def pleas(
         perm, costs = am.permutation, (am.costs if costs is None else costs)
     timing["match"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    part = partial_merge(traced if spec is traced.spec else spec, model_a, model_b, perm, costs, budget,
+    part = partial_merge(spec, model_a, model_b, perm, costs, budget,
                          keep_heads=keep_heads, example_inputs=inputs[0], example_kwargs=kwargs)  # fmt: skip
     merged = part.model
     if reset_bn:
-        if all(len(x) == 1 for x in inputs) and not kwargs:
-            merged = reset_bn_stats(merged, [x[0] for x in inputs], batches=len(inputs))
+        if all(len(x) == 1 for x in inputs):
+            merged = reset_bn_stats(merged, [x[0] for x in inputs], batches=len(inputs), example_kwargs=kwargs)
         else:
             LOG.warning("BatchNorm statistics not reset: the model takes several inputs")
     timing["partial"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sd = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     fits, skipped, complete = _least_squares(
-        traced.program, merged, sd, model_a.state_dict(), apply_permutation(spec, perm, model_b.state_dict()),
+        traced, merged, sd, model_a.state_dict(), apply_permutation(spec, perm, model_b.state_dict()),
         part, inputs, kwargs, positions=positions, ridge=ridge, max_layers=max_layers, max_seconds=max_seconds,
         seed=seed, quiet=quiet,
     )  # fmt: skip
@@ -453,7 +290,7 @@ def _take_batches(data: Iterable[Any], batches: int, input_fn: Callable[[Any], t
 
 
 def _least_squares(
-    program: torch.export.ExportedProgram,
+    traced: Traced,
     merged: nn.Module,
     sd: dict[str, torch.Tensor],
     sd_a: Mapping[str, torch.Tensor],
@@ -469,67 +306,77 @@ def _least_squares(
     seed: int,
     quiet: bool,
 ) -> tuple[list[LayerFit], dict[str, str], bool]:
-    """Fit every layer of the merged model in graph order; updates ``sd`` in place."""
-    merged_program = capture(merged, inputs[0], kwargs).program
-    layers, skipped = find_layers(merged_program)
-    originals = {layer.weight: layer for layer in find_layers(program)[0]}
+    """Fit every layer of the merged model in graph order; updates ``sd`` in place.
+
+    Three runs of the graph advance in lockstep over all batches (the one graph runner): the merged
+    model's pauses before each layer it fits (reading ``sd`` at each use, so every refit takes effect
+    downstream), A's and π(B)'s keep each layer's feature until it is taken.
+    """
+    merged_traced = trace_graph(merged, inputs[0], example_kwargs=kwargs)
+    layers, skipped = fittable_layers(merged_traced)
+    originals = {layer.weight: layer for layer in fittable_layers(traced)[0]}
     todo = []
     for layer in layers:
         orig = originals.get(layer.weight)
         if orig is None or (orig.norm is None) != (layer.norm is None):
             skipped[layer.node] = "no matching layer in the original models"
         else:
-            todo.append((layer, orig))
-    keep = {o.target for _, o in todo}
-    steppers = [
-        (_Stepper(merged_program, sd, x, kwargs, set()), _Stepper(program, sd_a, x, kwargs, keep),
-         _Stepper(program, sd_bp, x, kwargs, keep))
-        for x in inputs
-    ]  # fmt: skip
+            todo.append((layer, merged_traced.layer(layer.norm) if layer.norm else None, _target(traced, orig)))
+    batches = [(x, dict(kwargs)) for x in inputs]
+    keep = [t for _, _, (t, _) in todo]
+    runs = (GraphRunner(merged_traced.program, sd, batches), GraphRunner(traced.program, sd_a, batches, keep=keep),
+            GraphRunner(traced.program, sd_bp, batches, keep=keep))  # fmt: skip
     fits: list[LayerFit] = []
     start = time.perf_counter()
     complete = True
     with torch.no_grad():
-        for li, (layer, orig) in enumerate(tqdm(todo, desc="PLeaS least squares", disable=quiet)):
+        for li, (layer, norm, (target, index)) in enumerate(tqdm(todo, desc="PLeaS least squares", disable=quiet)):
             if (max_layers is not None and li >= max_layers) or (
                 max_seconds is not None and time.perf_counter() - start > max_seconds
             ):
                 complete = False
-                for rest, _ in todo[li:]:
+                for rest, _, _ in todo[li:]:
                     skipped[rest.node] = "step/time budget reached"
                 break
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(seed * 100_003 + li)
             out_map = part.output_map(layer.weight, 0)
-            scale, shift = _affine(layer, sd)
+            scale, shift = _affine(norm, sd)
             kernel = tuple(sd[layer.weight].shape[2:])
             acc = _Accumulator()
-            for m, a, b in steppers:
-                m.run_to(layer.node)
-                xs, (ya, yb) = _samples(layer, m.value(layer.input), (a.take(orig.target), b.take(orig.target)),
-                                        positions, gen, kernel)  # fmt: skip
+            runs[0].run_to(layer.node)
+            xs_all = runs[0].values(layer.input)
+            ya_all, yb_all = (r.take(target) for r in runs[1:])
+            for x, ya, yb in zip(xs_all, ya_all, yb_all):
+                if index is not None:
+                    ya, yb = ya[index], yb[index]
+                xs, (ya, yb) = _samples(layer, x, (ya, yb), positions, gen, kernel)
                 y = out_map.merge(ya, yb, dim=1)
                 acc.add(xs, (y - shift) / scale)  # the pre-norm values the folded norm maps onto y
-            fits.append(_solve(layer, acc, sd, scale, ridge, time.perf_counter() - t0))
+            fits.append(_solve(layer, norm, acc, sd, scale, ridge, time.perf_counter() - t0))
     return fits, skipped, complete
 
 
-def _affine(layer: Layer, sd: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(norm: Layer | None, sd: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, t)`` of the folded inference BatchNorm ``y = s·z + t`` (1 and 0 without one); a zero
     scale is replaced by 1 (that unit's fit is then discarded, see :func:`_solve`)."""
-    if layer.norm is None:
+    if norm is None:
         return torch.ones(()), torch.zeros(())
-    n = layer.norm
-    s = sd[n.weight].double() / (sd[n.var].double() + n.eps).sqrt()
-    t = sd[n.bias].double() - s * sd[n.mean].double()
+    s = _norm_scale(norm, sd)
+    t = sd[norm.bias].double() - s * sd[norm.running[0]].double()  # type: ignore[index]
     s = torch.where(s.abs() < 1e-12, torch.ones_like(s), s)
     return s.float(), t.float()
+
+
+def _norm_scale(norm: Layer, sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """An inference BatchNorm's per-channel scale ``γ / sqrt(var + ε)``, float64."""
+    return sd[norm.weight].double() / (sd[norm.running[1]].double() + norm.eps).sqrt()  # type: ignore[index, operator]
 
 
 def _samples(layer: Layer, x: torch.Tensor, ys: tuple[torch.Tensor, torch.Tensor], positions: int,
              gen: torch.Generator, kernel: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """Rows of the layer's input (im2col patches for a convolution) and the features there."""
-    if layer.kind == "conv2d":
+    if layer.op == CONV:
         stride, padding, dilation = layer.conv  # type: ignore[misc]
         n, c, h, w = ys[0].shape
         cols = F.unfold(x.float(), kernel, dilation=dilation, padding=padding, stride=stride)  # (N, P, H*W)
@@ -570,49 +417,50 @@ class _Accumulator:
         self.count += len(x)
 
 
-def _solve(layer: Layer, acc: _Accumulator, sd: dict[str, torch.Tensor], scale: torch.Tensor, ridge: float,
-           seconds: float) -> LayerFit:  # fmt: skip
+def _solve(layer: Layer, norm: Layer | None, acc: _Accumulator, sd: dict[str, torch.Tensor], scale: torch.Tensor,
+           ridge: float, seconds: float) -> LayerFit:  # fmt: skip
     """Ridge-fit one layer from its statistics and write the weights (and the folded norm) into ``sd``."""
     weight = sd[layer.weight]
     out, p = weight.shape[0], weight[0].numel()
-    fit_shift = layer.bias is not None or layer.norm is not None
+    fit_shift = layer.bias is not None or norm is not None
     bias0 = sd[layer.bias].double() if layer.bias is not None else torch.zeros(out, dtype=torch.float64)
     w0 = torch.cat([weight.reshape(out, p).double(), bias0[:, None]], 1)  # shift column: bias, or 0 (norm's shift)
     n = slice(None) if fit_shift else slice(0, p)
     gram, cross, yy = acc.gram[n, n], acc.cross[:, n], acc.yy  # type: ignore[index]
     w, before, after = ridge_step(gram, cross, yy, w0[:, n], ridge)
-    if layer.norm is not None:
-        dead = (sd[layer.norm.weight].double() / (sd[layer.norm.var].double() + layer.norm.eps).sqrt()).abs() < 1e-12
+    if norm is not None:
+        dead = _norm_scale(norm, sd).abs() < 1e-12
         w[dead], before[dead], after[dead] = w0[dead], 0.0, 0.0
     if not fit_shift:
         w = torch.cat([w, w0[:, p:]], 1)
     sd[layer.weight] = w[:, :p].reshape(weight.shape).to(weight.dtype)
     if layer.bias is not None:
         sd[layer.bias] = w[:, p].to(sd[layer.bias].dtype)
-    if layer.norm is not None:
-        _refold_norm(layer, sd, w, acc, scale.double())
-    units = (scale.double() ** 2).expand(out) if layer.norm is not None else torch.ones(out, dtype=torch.float64)
+    if norm is not None:
+        _refold_norm(layer, norm, sd, w, acc, scale.double())
+    units = (scale.double() ** 2).expand(out) if norm is not None else torch.ones(out, dtype=torch.float64)
     denom = max(acc.count, 1) * out
     return LayerFit(
-        layer.weight, layer.kind, layer.norm.node if layer.norm else None, acc.count,
+        layer.weight, layer.op, norm.node if norm else None, acc.count,
         max(0.0, float((units * before).sum() / denom)), max(0.0, float((units * after).sum() / denom)), seconds,
     )  # fmt: skip
 
 
-def _refold_norm(layer: Layer, sd: dict[str, torch.Tensor], w: torch.Tensor, acc: _Accumulator, s: torch.Tensor) -> None:
+def _refold_norm(layer: Layer, norm: Layer, sd: dict[str, torch.Tensor], w: torch.Tensor, acc: _Accumulator,
+                 s: torch.Tensor) -> None:  # fmt: skip
     """Make the BatchNorm compute ``s·(W x + shift) + t`` with running statistics equal to those of
     its new input ``z`` (so the function is exactly the fitted one, and the statistics are honest)."""
-    norm = layer.norm
-    assert norm is not None
+    assert norm.running is not None and norm.weight is not None and norm.bias is not None and norm.eps is not None
+    mean_key, var_key = norm.running
     p = w.shape[1] - 1
-    t = sd[norm.bias].double() - s * sd[norm.mean].double()
+    t = sd[norm.bias].double() - s * sd[mean_key].double()
     z_w = torch.cat([w[:, :p], (w[:, p] if layer.bias is not None else torch.zeros_like(w[:, p]))[:, None]], 1)
     shift = torch.zeros_like(w[:, p]) if layer.bias is not None else w[:, p]
     count = max(acc.count, 1)
     mean = (z_w @ acc.gram[:, p]) / count  # type: ignore[index]
     var = (((z_w @ acc.gram) * z_w).sum(1) / count - mean**2).clamp_min(0)
-    alive = (sd[norm.weight].double() / (sd[norm.var].double() + norm.eps).sqrt()).abs() >= 1e-12
+    alive = _norm_scale(norm, sd).abs() >= 1e-12
     gamma = s * (var + norm.eps).sqrt()
     beta = t + s * (mean + shift)
-    for key, new in ((norm.mean, mean), (norm.var, var), (norm.weight, gamma), (norm.bias, beta)):
+    for key, new in ((mean_key, mean), (var_key, var), (norm.weight, gamma), (norm.bias, beta)):
         sd[key] = torch.where(alive, new, sd[key].double()).to(sd[key].dtype)

@@ -270,3 +270,46 @@ def test_gate_outside_minus_one_to_one_is_rejected(bad):
     a, b = _seeded(lambda: MLP(in_features=20, hidden=(8,)), 0), _seeded(lambda: MLP(in_features=20, hidden=(8,)), 1)
     with pytest.raises(PermergeError, match="min_correlation must be a correlation"):
         repair(a, b, pm.interpolate(a, b, 0.5), _data((20,)), min_correlation=bad)
+
+
+def test_repair_merge_of_n_models_hits_the_weighted_mean_statistics():
+    models = [_seeded(lambda: MLP(in_features=20, hidden=(32, 32, 32)), s) for s in range(3)]
+    data = _data((20,), n_batches=4, batch=64)
+    weights = [0.5, 0.3, 0.2]
+    fixed = pm.repair_merge(models, pm.merge(models, weights), data, weights=weights)
+    stats = [_hidden_stats(m, data) for m in models]
+    for n, (mean, std) in _hidden_stats(fixed, data).items():
+        torch.testing.assert_close(mean, sum(w * s[n][0] for w, s in zip(weights, stats)), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(std, sum(w * s[n][1] for w, s in zip(weights, stats)), atol=1e-4, rtol=1e-4)
+
+
+def test_repair_merge_of_two_is_repair_and_bad_weights_are_refused():
+    a, b = (_seeded(lambda: VGG((4, 4, 8, 8)), s) for s in (0, 1))
+    data = _data((1, 28, 28), n_batches=2)
+    merged = pm.interpolate(a, b, 0.3)
+    two = pm.repair_merge([a, b], merged, data, weights=[0.7, 0.3])
+    ref = repair(a, b, merged, data, alpha=0.3)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(two.state_dict()[k], v), k
+    for bad in ([0.5, 0.6], [float("nan"), 1.0], [1.2, -0.2], [1.0]):
+        with pytest.raises(pm.PermergeError, match="weights"):
+            pm.repair_merge([a, b], merged, data, weights=bad)
+    with pytest.raises(pm.PermergeError, match="at least two"):
+        pm.repair_merge([a], merged, data)
+
+
+def test_repair_and_bn_reset_pass_example_kwargs_to_every_call():
+    """An HF causal LM must run with use_cache=False; REPAIR and BN reset take it as example_kwargs."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)  # fmt: skip
+    a, b = (_seeded(lambda: transformers.GPT2LMHeadModel(cfg), s) for s in (0, 1))
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 64, (4, 8), generator=gen) for _ in range(3)]
+    kwargs = {"use_cache": False}
+    fixed = repair(a, b, pm.interpolate(a, b, 0.5), data, example_kwargs=kwargs)
+    assert sorted(fixed.state_dict()) == sorted(a.state_dict())
+    with torch.no_grad():
+        assert torch.isfinite(fixed(data[0], use_cache=False).logits).all()
+    same = reset_bn_stats(a, data, example_kwargs=kwargs)  # no BatchNorm: an equal copy
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in same.state_dict().items())

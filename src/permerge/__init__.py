@@ -15,7 +15,7 @@ from permerge.apply import apply_permutation
 from permerge.check import check_function_preserved, validate_spec
 from permerge.errors import FunctionNotPreservedError, PermergeError, SpecError, TraceError
 from permerge.evaluate import Curve, interpolation_curve
-from permerge.graph import register_rule, trace
+from permerge.graph import Example, Traced, register_rule, trace, trace_graph
 from permerge.match import activation_matching, ste_matching, weight_matching
 from permerge.match.stream import stream_weight_matching
 from permerge.merge import interpolate, merge
@@ -24,8 +24,8 @@ from permerge.merge.partial import partial_merge
 from permerge.merge.pleas import pleas
 from permerge.permutation import Permutation, identity, inverse, random_permutation
 from permerge.plot import plot_curves
-from permerge.repair import repair, repair_transform, reset_bn_stats
-from permerge.spec import Axis, Frozen, Group, PermutationSpec
+from permerge.repair import repair, repair_merge, repair_transform, reset_bn_stats
+from permerge.spec import Axis, Frozen, FrozenKind, Group, PermutationSpec
 
 __all__ = [
     "AlignResult",
@@ -33,6 +33,7 @@ __all__ = [
     "interpolation_curve",
     "plot_curves",
     "repair",
+    "repair_merge",
     "repair_transform",
     "reset_bn_stats",
     "activation_matching",
@@ -47,7 +48,9 @@ __all__ = [
     "stream_weight_matching",
     "weight_matching",
     "Axis",
+    "Example",
     "Frozen",
+    "FrozenKind",
     "FunctionNotPreservedError",
     "Group",
     "PermergeError",
@@ -62,5 +65,7 @@ __all__ = [
     "random_permutation",
     "register_rule",
     "trace",
+    "trace_graph",
+    "Traced",
     "validate_spec",
 ]

@@ -16,13 +16,15 @@ from permerge.models import MLP
 
 @pytest.fixture
 def captures(monkeypatch):
-    """Count real traces (calls of ``capture``) with an empty cache."""
+    """Count real traces (eval-mode calls of ``capture``; each trace also exports train mode) with an
+    empty cache."""
     cache.clear()
     calls = []
     real = graph.capture
 
     def counting(*args, **kwargs):
-        calls.append(args[0])
+        if not kwargs.get("train"):
+            calls.append(args[0])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(graph, "capture", counting)

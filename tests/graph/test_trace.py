@@ -190,3 +190,98 @@ def test_wrong_input_shape_clear_error():
 def test_not_a_module():
     with pytest.raises(TraceError, match="expected an nn.Module"):
         pm.trace(lambda x: x, torch.randn(2))
+
+
+class TwoHeads(nn.Module):
+    """A shared body and two task heads, the head chosen by a keyword argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head_a, self.head_b = nn.Linear(16, 3), nn.Linear(16, 3)
+
+    def forward(self, x, task: str = "a"):
+        h = torch.relu(self.body(x))
+        return (self.head_a if task == "a" else self.head_b)(h)
+
+
+class AuxInTraining(nn.Module):
+    """An auxiliary head that only runs in training mode (Inception-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+def _changed_outputs(model, spec, calls, seed=0):
+    """Max |Δ| over ``calls`` (args, kwargs, train) after permuting by a random permutation of ``spec``."""
+    import copy
+
+    other = copy.deepcopy(model)
+    other.load_state_dict(pm.apply_permutation(spec, pm.random_permutation(spec, seed), model.state_dict()))
+    worst = 0.0
+    for args, kwargs, train in calls:
+        outs = []
+        for m in (model, other):
+            m.train(train)
+            torch.manual_seed(0)
+            with torch.no_grad():
+                y = m(*args, **kwargs)
+            outs.append(y if isinstance(y, tuple) else (y,))
+            m.eval()
+        worst = max(worst, max(float((p - q).abs().max()) for p, q in zip(*outs)))
+    return worst
+
+
+def test_a_parameter_no_call_reads_is_frozen_with_a_warning(caplog):
+    model, x = TwoHeads().eval(), torch.randn(4, 8)
+    spec = pm.trace(model, x, cache=False)
+    unreached = [f for f in spec.frozen if f.kind is pm.FrozenKind.UNREACHED]
+    assert {a.key for f in unreached for a in f.members} == {"head_b.weight", "head_b.bias"}
+    assert not any(a.key.startswith("head_b") for g in spec.groups for a in g.members)
+    assert "not read by the traced forward" in caplog.text and "extra_examples" in caplog.text
+
+
+def test_extra_examples_cover_the_other_task_head():
+    model, x = TwoHeads().eval(), torch.randn(4, 8)
+    spec = pm.trace(model, x, extra_examples=[pm.graph.Example((x,), {"task": "b"})], cache=False)
+    body = _group_of(spec, "body.weight")
+    assert {("head_a.weight", 1), ("head_b.weight", 1)} <= {(a.key, a.dim) for a in body.members}
+    calls = [((x,), {"task": t}, False) for t in "ab"]
+    assert _changed_outputs(model, spec, calls) < 1e-5
+
+
+def test_train_mode_branches_are_traced_by_default():
+    model, x = AuxInTraining().eval(), torch.randn(4, 8)
+    spec = pm.trace(model, x, cache=False)
+    assert ("aux.weight", 1) in {(a.key, a.dim) for a in _group_of(spec, "body.weight").members}
+    assert _changed_outputs(model, spec, [((x,), {}, False), ((x,), {}, True)]) < 1e-5
+    eval_only = pm.trace(model, x, train_mode=False, cache=False)
+    assert any(f.kind is pm.FrozenKind.UNREACHED for f in eval_only.frozen)
+
+
+def test_a_model_that_cannot_export_in_train_mode_is_traced_in_eval_mode_with_a_warning(caplog):
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    spec = pm.trace(model, torch.randn(1, 4), cache=False)  # batch 1: BatchNorm cannot train on it
+    assert [g.size for g in spec.groups] == [6]
+    assert "eval mode only" in caplog.text
+
+
+def test_partial_interleaved_rotary_traces_and_preserves_the_function():
+    """GPT-J's rotary embedding on the first dims of each head (pairs interleaved) once sent spec
+    extraction into an endless loop; now those dims are frozen and the rest of each head moves."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPTJConfig(vocab_size=64, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPTJForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (1, 8))
+    spec = pm.trace(model, x, example_kwargs={"use_cache": False}, cache=False)
+    q = [g for g in spec.groups for a in g.members if a.key.endswith("q_proj.weight") and a.repeat > 1]
+    assert q and all(a.offset >= cfg.rotary_dim for g in q for a in g.members if a.key.endswith("q_proj.weight"))
+    for seed in range(3):
+        assert pm.check_function_preserved(model, spec, x, example_kwargs={"use_cache": False}, seed=seed).relative_error < 1e-5

@@ -19,7 +19,7 @@ from torch import nn
 
 from permerge.errors import TraceError
 from permerge.graph import cache as _cache
-from permerge.graph.capture import Program, as_args, capture
+from permerge.graph.capture import Captured, Program, as_args, capture
 from permerge.graph.groups import build_spec
 from permerge.graph.layers import Layer, find_layers
 from permerge.graph.propagate import propagate
@@ -71,13 +71,31 @@ class Traced:
         return self._by_node.get(node)
 
 
-def _examples(example_inputs: Any, example_kwargs: Mapping[str, Any] | None, extra: Sequence[Example]) -> list[Example]:
-    calls = [Example(as_args(example_inputs), dict(example_kwargs or {}))]
+def _examples(
+    example_inputs: Any, example_kwargs: Mapping[str, Any] | None, extra: Sequence[Example], train_mode: bool
+) -> list[Example]:
+    first = Example(as_args(example_inputs), dict(example_kwargs or {}))
+    calls = [first] + ([Example(first.args, first.kwargs, True)] if train_mode else [])
     for e in extra:
         if not isinstance(e, Example):
             raise TraceError(f"extra_examples must be permerge.graph.Example(args, kwargs, train), got {type(e).__name__}")
         calls.append(Example(as_args(e.args), dict(e.kwargs), e.train))
     return calls
+
+
+def _capture_all(model: nn.Module, calls: list[Example], train_mode: bool) -> list[Captured]:
+    """Export every call; the implicit train-mode export is best effort (some models cannot be
+    exported in train mode, e.g. BatchNorm with batch size 1): it is dropped with a warning."""
+    caps = [capture(model, calls[0].args, calls[0].kwargs)]
+    for i, c in enumerate(calls[1:], start=1):
+        try:
+            caps.append(capture(model, c.args, c.kwargs, train=c.train))
+        except TraceError as e:
+            if not (train_mode and i == 1):
+                raise
+            LOG.warning("traced %s in eval mode only (train-mode export failed: %s); code that runs only in "
+                        "training is not covered", type(model).__name__, str(e).splitlines()[0])  # fmt: skip
+    return caps
 
 
 def trace_graph(
@@ -86,18 +104,19 @@ def trace_graph(
     *,
     example_kwargs: Mapping[str, Any] | None = None,
     extra_examples: Sequence[Example] = (),
+    train_mode: bool = True,
     rules: Mapping[object, Rule] | None = None,
     strict: bool = False,
     cache: bool = True,
 ) -> Traced:
     """Trace ``model`` once per architecture and input shapes (see :func:`trace`); the full product."""
-    calls = _examples(example_inputs, example_kwargs, extra_examples)
+    calls = _examples(example_inputs, example_kwargs, extra_examples, train_mode)
     k = _cache.key(model, calls, strict, RULES) if cache and rules is None else None
     traced = _cache.get(k) if k is not None else None
     if traced is not None:
         LOG.info("traced %s: cached, %d groups", type(model).__name__, len(traced.spec.groups))
         return traced
-    caps = [capture(model, c.args, c.kwargs, train=c.train) for c in calls]
+    caps = _capture_all(model, calls, train_mode)
     prop = propagate(caps, rules, strict)
     spec, roots = build_spec(prop, caps[0].aliases, caps[0].state_keys)
     if prop.unknown:
@@ -119,6 +138,7 @@ def trace(
     *,
     example_kwargs: Mapping[str, Any] | None = None,
     extra_examples: Sequence[Example] = (),
+    train_mode: bool = True,
     rules: Mapping[object, Rule] | None = None,
     freeze: Iterable[str] = (),
     strict: bool = False,
@@ -130,9 +150,12 @@ def trace(
     is left as it was), propagates channel spaces through the ATen graph with the per-op
     :data:`RULES` (plus ``rules``, which take precedence), and returns the groups and the frozen
     spaces with their kinds and reasons. Ops without a rule freeze what they touch (``strict=True``
-    raises instead); parameters the forward never reads are frozen (pass ``extra_examples`` for the
-    calls that do read them: other keyword arguments, train mode); ``freeze`` names groups to leave
-    unpermuted.
+    raises instead); ``freeze`` names groups to leave unpermuted.
+
+    The forward is traced in eval mode and, with ``train_mode`` (default), in train mode too, so
+    branches that run only in training (auxiliary heads, say) constrain the groups. Parameters no
+    traced call reads are frozen, with a warning: pass ``extra_examples`` for the calls that do read
+    them (a task head chosen by a keyword argument, another input shape).
 
     The spec depends on the architecture and the input shapes only, so it is cached per process
     (see :mod:`permerge.graph.cache` for the key): tracing a second model of the same architecture
@@ -146,7 +169,7 @@ def trace(
         [('0.weight:0', 8)]
     """
     traced = trace_graph(
-        model, example_inputs, example_kwargs=example_kwargs, extra_examples=extra_examples, rules=rules,
-        strict=strict, cache=cache,
+        model, example_inputs, example_kwargs=example_kwargs, extra_examples=extra_examples, train_mode=train_mode,
+        rules=rules, strict=strict, cache=cache,
     )  # fmt: skip
     return traced.spec.without(freeze) if freeze else traced.spec

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from permerge.errors import TraceError
 from permerge.graph.propagate import Propagation
 from permerge.graph.spaces import PROD, Spaces, Why
 from permerge.spec import CONSUMER, PRODUCER, Axis, Frozen, FrozenKind, Group, PermutationSpec
@@ -72,7 +73,8 @@ def build_spec(
     sp = prop.spaces
     order = {k: i for i, k in enumerate(state_keys)}
     canon = sorted(prop.param_dims, key=lambda k: order.get(k, len(order)))
-    while True:
+    refrozen: set[int] = set()
+    while True:  # each pass freezes one more free space that fits no Axis, so it ends
         members: dict[int, list[tuple[Axis, int, int]]] = {}
         misfit: int | None = None
         for key in canon:
@@ -84,11 +86,15 @@ def build_spec(
                     for alias in aliases.get(key, (key,)):
                         ax = fit(alias, dim, pos)
                         if ax is None:
-                            misfit = root
+                            if root not in sp.frozen:  # a frozen space needs no Axis: it is never permuted
+                                misfit = root
                             break
                         members.setdefault(root, []).append((dataclasses.replace(ax, role=role), i, len(pieces)))
         if misfit is None:
             break
+        if misfit in refrozen:  # freezing it did not take: a bug, not a reason to spin
+            raise TraceError(f"internal error: space {misfit} fits no Axis layout and cannot be frozen; please report it")
+        refrozen.add(misfit)
         sp.freeze(misfit, Why(FrozenKind.LAYOUT, "layout too irregular for an Axis (nested repeats)"))
     groups: list[Group] = []
     roots: dict[str, int] = {}

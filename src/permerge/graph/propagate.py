@@ -81,10 +81,17 @@ def propagate(
         live |= {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
         if i == 0:
             values = {n.name: v for n, v in env.items() if n.op == "call_function"}
-    for key, dims in param_dims.items():
-        if key not in reached:
-            for s in dims:
-                spaces.freeze(s, Why(FrozenKind.UNREACHED, f"{key} is not read by the traced forward"))
+    unreached = [key for key in param_dims if key not in reached]
+    for key in unreached:
+        for s in param_dims[key]:
+            spaces.freeze(s, Why(FrozenKind.UNREACHED, f"{key} is not read by the traced forward"))
+    if unreached:
+        LOG.warning(
+            "%d tensors are not read by the traced forward and stay unpermuted (%s%s); code paths that use "
+            "them (other arguments, input shapes) may compute differently after permuting: pass "
+            "extra_examples=[permerge.graph.Example(args, kwargs)] for those calls",
+            len(unreached), ", ".join(unreached[:3]), ", …" if len(unreached) > 3 else "",
+        )  # fmt: skip
     live = {spaces.find(s) for s in live}
     return Propagation(spaces, param_dims, frozenset(live), values, frozenset(consumers), unknown)
 

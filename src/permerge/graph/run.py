@@ -96,7 +96,8 @@ class GraphRunner:
         users = sum(kind == USER for kind, _ in program.inputs)
         if any(len(f) < users for f in flat):
             raise PermergeError(f"a batch has fewer inputs than the traced example input ({users})")
-        missing = sorted(k for kind, k in program.inputs if kind == STATE and k not in params)
+        available = set(params)  # iterating keys reads no tensor of a lazy mapping
+        missing = sorted(k for kind, k in program.inputs if kind == STATE and k not in available)
         if missing:
             raise PermergeError(f"the weights lack tensors the traced graph reads: {missing[:10]}")
         placeholders = [n for n in self.nodes if n.op == "placeholder"]

@@ -81,7 +81,8 @@ def propagate(
         live |= {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
         if i == 0:
             values = {n.name: v for n, v in env.items() if n.op == "call_function"}
-    unreached = [key for key in param_dims if key not in reached]
+    # tensors with an axis of length > 1 that no call reads (scalars such as BN counters cannot move anyway)
+    unreached = [k for k, dims in param_dims.items() if k not in reached and any(spaces.size[d] > 1 for d in dims)]
     for key in unreached:
         for s in param_dims[key]:
             spaces.freeze(s, Why(FrozenKind.UNREACHED, f"{key} is not read by the traced forward"))

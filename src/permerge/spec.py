@@ -25,7 +25,10 @@ import torch
 
 from permerge.errors import SpecError
 
-__all__ = ["PRODUCER", "CONSUMER", "Axis", "Frozen", "FrozenKind", "Group", "PermutationSpec"]
+__all__ = [
+    "CONSUMER", "INVERTIBLE", "ORTHOGONAL", "PERMUTATION", "PRODUCER", "SCALED_PERMUTATION", "SYMMETRIES",
+    "Axis", "Frozen", "FrozenKind", "Group", "PermutationSpec",
+]  # fmt: skip
 
 PRODUCER, CONSUMER = "producer", "consumer"
 """Axis roles: a *producer* axis carries the group's features (a weight's output rows, a bias, norm
@@ -63,13 +66,25 @@ class Axis:
         return self.offset + (self.repeat - 1) * self.stride + n * self.block
 
 
+PERMUTATION, SCALED_PERMUTATION, ORTHOGONAL, INVERTIBLE = "permutation", "scaled_permutation", "orthogonal", "invertible"
+SYMMETRIES = (PERMUTATION, SCALED_PERMUTATION, ORTHOGONAL, INVERTIBLE)
+"""Symmetry classes of a group, smallest first: each contains the ones before it (a permutation is
+an orthogonal map; a positively scaled permutation an invertible one). A group's class is the
+largest under which every op touching its units is equivariant; permutations are always allowed."""
+
+
 @dataclass(frozen=True)
 class Group:
-    """A set of ``size`` units whose positions in every member axis move together."""
+    """A set of ``size`` units whose positions in every member axis move together.
+
+    ``symmetry`` is the largest class of maps of the units that keeps the function (see
+    :data:`SYMMETRIES`); matching uses permutations unless a richer class is asked for.
+    """
 
     name: str
     size: int
     members: tuple[Axis, ...]
+    symmetry: str = PERMUTATION
 
     @cached_property
     def keys(self) -> frozenset[str]:
@@ -138,6 +153,8 @@ class PermutationSpec:
                 raise SpecError(f"duplicate group name {g.name!r}")
             if g.size < 1:
                 raise SpecError(f"group {g.name!r} has size {g.size}; sizes must be >= 1")
+            if g.symmetry not in SYMMETRIES:
+                raise SpecError(f"group {g.name!r} has symmetry {g.symmetry!r}; choose one of {', '.join(SYMMETRIES)}")
             by_name[g.name] = g
             for ax in g.members:
                 by_key.setdefault(ax.key, []).append((g.name, ax))
@@ -234,7 +251,7 @@ class PermutationSpec:
         for g in self.groups:
             members = tuple(a for a in g.members if a.key in keys)
             if members:
-                groups.append(Group(g.name, g.size, members))
+                groups.append(Group(g.name, g.size, members, g.symmetry))
         return PermutationSpec(tuple(groups), self.frozen)
 
     def without(self, names: Iterable[str]) -> PermutationSpec:
@@ -262,7 +279,11 @@ class PermutationSpec:
 
         return {
             "format": _FORMAT,
-            "groups": [{"name": g.name, "size": g.size, "members": axes(g.members)} for g in self.groups],
+            "groups": [
+                {"name": g.name, "size": g.size, "members": axes(g.members)}
+                | ({"symmetry": g.symmetry} if g.symmetry != PERMUTATION else {})
+                for g in self.groups
+            ],
             "frozen": [
                 {"size": f.size, "kind": f.kind.value, "reason": f.reason, "members": axes(f.members)}
                 for f in self.frozen
@@ -276,7 +297,7 @@ class PermutationSpec:
     def from_dict(cls, data: Mapping[str, object]) -> PermutationSpec:
         try:
             groups = tuple(
-                Group(str(g["name"]), int(g["size"]), tuple(Axis(**a) for a in g["members"]))
+                Group(str(g["name"]), int(g["size"]), tuple(Axis(**a) for a in g["members"]), str(g.get("symmetry", PERMUTATION)))
                 for g in data["groups"]  # type: ignore[union-attr]
             )
             frozen = tuple(

@@ -104,7 +104,7 @@ def checkpoint_spec(
                 missing.append(ax.key)
         return tuple(out)
 
-    groups = tuple(Group(g.name, g.size, m) for g in spec.groups if (m := fix(g.members, True)))
+    groups = tuple(Group(g.name, g.size, m, g.symmetry) for g in spec.groups if (m := fix(g.members, True)))
     frozen = tuple(Frozen(f.size, f.reason, fix(f.members, False), f.kind) for f in spec.frozen)
     if missing:
         raise PermergeIOError(

@@ -68,9 +68,10 @@ class Axis:
 
 PERMUTATION, SCALED_PERMUTATION, ORTHOGONAL, INVERTIBLE = "permutation", "scaled_permutation", "orthogonal", "invertible"
 SYMMETRIES = (PERMUTATION, SCALED_PERMUTATION, ORTHOGONAL, INVERTIBLE)
-"""Symmetry classes of a group, smallest first: each contains the ones before it (a permutation is
-an orthogonal map; a positively scaled permutation an invertible one). A group's class is the
-largest under which every op touching its units is equivariant; permutations are always allowed."""
+"""Symmetry classes of a group. Permutations are contained in every other class; scaled permutations
+(a permutation times positive per-unit scales, for ReLU-like units) and orthogonal maps are both
+invertible maps, but neither contains the other. A group's class is the largest under which every
+op touching its units is equivariant; permutations are always allowed."""
 
 
 @dataclass(frozen=True)

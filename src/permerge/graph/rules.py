@@ -296,7 +296,15 @@ def _conv(c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int) -> Dim
             out_ch = c.spaces.compose(PROD, (xg, wd[1]))
     if c.is_tensor(b):
         c.union(c.dims(b)[0], out_ch)
+    _mixed(c, xd[2:], "convolution kernel")
     return (xd[0], out_ch) + c.fresh(c.out_shape[2:])
+
+
+def _mixed(c: Call, axes: Sequence[int], by: str) -> None:
+    """Axes a window slides over (convolution, pooling, resampling) mix their positions: if units of
+    a group sit there (features moved onto a 'spatial' axis), they must not move."""
+    for s in axes:
+        c.freeze(s, f"axis mixed by a {by} (units would be blended with their neighbours)")
 
 
 @register_rule(aten.conv1d, aten.conv2d, aten.conv3d)
@@ -608,6 +616,7 @@ def _pool(c: Call) -> Dims | list[Dims]:
     val = c.node.meta["val"]
     shape = tuple(val[0].shape) if isinstance(val, (tuple, list)) else c.out_shape
     keep = xd[: len(xd) - _spatial_rank(c.node)]
+    _mixed(c, xd[len(keep) :], "pooling or resampling window")
     out = keep + c.fresh(shape[len(keep) :])
     if isinstance(val, (tuple, list)):  # (values, indices): indices are per channel, too
         return [out, out]

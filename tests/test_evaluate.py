@@ -93,7 +93,7 @@ def test_barrier_definitions_relate_through_the_endpoint_gap(values):
 def test_curve_barriers_need_an_explicit_dataset_when_there_are_several():
     c = _curve()
     with pytest.raises(PermergeError, match=r"datasets \['test', 'train'\]: name one"):
-        c.loss_barrier
+        _ = c.loss_barrier
     assert c.barrier("loss", "test") == pytest.approx(2.5) and c.barrier("accuracy", "test") == pytest.approx(0.35)
     assert c.barrier("loss", "train") == 0.0 and c.barrier("loss", "train", "mean") == 0.0
     assert c.midpoint_gap("loss", "test") == pytest.approx(4.0 - 1.5)
@@ -121,6 +121,9 @@ def test_metric_set_resolution_and_errors():
     assert list(metric_set("causal-lm")) == ["loss", "perplexity", "token_accuracy"]
     assert [m.higher_is_better for m in metric_set("causal-lm").values()] == [False, False, True]
     assert metric_set({"accuracy": pm.evaluate.accuracy})["accuracy"] is ACCURACY  # the built-in function, by identity
+    top1 = Metric.mean(lambda out, y: (out.argmax(-1) == y).float().mean(), higher_is_better=True)
+    resolved = metric_set({"top1": top1})
+    assert list(resolved) == ["loss", "top1"] and resolved["top1"] is top1 and not resolved["loss"].higher_is_better
     with pytest.raises(PermergeError, match=r"metric 'top1' is a plain function.*Metric.mean\(fn, higher_is_better"):
         metric_set({"top1": lambda out, y: (out.argmax(-1) == y).float().mean()})
     with pytest.raises(PermergeError, match="unknown metric set 'lm'; choose from classification, causal-lm"):

@@ -302,9 +302,11 @@ def evaluate(
 @dataclass(frozen=True)
 class BarrierDefinition:
     """One definition of the barrier on the line ``θ_α = (1−α)·θ_A + α·θ_B``: the value each α is
-    compared with (``reference(values, alphas)``), the formula, and who defined it."""
+    compared with (``reference(values, alphas)``), the formula, and who defined it (``source``
+    short, ``citation`` in full)."""
 
     formula: str
+    source: str
     citation: str
     reference: Callable[[Sequence[float], Sequence[float]], list[float]] = field(repr=False)
 
@@ -318,10 +320,10 @@ def _endpoint_mean(values: Sequence[float], alphas: Sequence[float]) -> list[flo
 
 
 BARRIERS: Mapping[str, BarrierDefinition] = MappingProxyType({
-    "line": BarrierDefinition("max_α L(θ_α) − ((1−α)·L(θ_A) + α·L(θ_B))",
+    "line": BarrierDefinition("max_α L(θ_α) − ((1−α)·L(θ_A) + α·L(θ_B))", "Entezari et al. 2022",
                               "Entezari et al. 2022, The Role of Permutation Invariance in Linear Mode Connectivity "
                               "of Neural Networks (ICLR), §2", _endpoint_line),
-    "mean": BarrierDefinition("max_α L(θ_α) − ½·(L(θ_A) + L(θ_B))",
+    "mean": BarrierDefinition("max_α L(θ_α) − ½·(L(θ_A) + L(θ_B))", "Git Re-Basin (Ainsworth et al. 2023)",
                               "Ainsworth, Hayase & Srinivasa 2023, Git Re-Basin (ICLR), §2, after Frankle et al. 2020",
                               _endpoint_mean),
 })  # fmt: skip

@@ -3,8 +3,9 @@
 Trains two seeds of a small MLP and a small CNN without normalisation (about half a minute on
 2 CPU cores), aligns each pair by weight matching, and prints the test loss / accuracy barrier of
 naive averaging, of the weight-matched pair, and of the weight-matched pair with REPAIR. Writes
-OUT/mlp.png and OUT/cnn.png (loss and accuracy vs α), OUT/curves.json, OUT/curves.csv,
-OUT/barriers.md and OUT/provenance.json. Nothing is downloaded. OUT must be new or empty unless
+OUT/mlp.png and OUT/cnn.png (loss and accuracy vs α, train and test), OUT/curves.json,
+OUT/curves.csv, OUT/barriers.md, OUT/provenance.json and OUT/report.html (self-contained: open
+it in a browser, no network needed). Nothing is downloaded. OUT must be new or empty unless
 --force.
 """
 

@@ -2,9 +2,9 @@
 
 Chromium is the Debian package ``chromium`` (``apt-get install -y chromium``); :func:`chromium`
 returns None where it is not installed, and the tests skip with that reason. Run as a script to
-make the README's screenshot of a report::
+make the README's screenshot of a report (the top HEIGHT pixels of a 1280-pixel-wide window)::
 
-    python tests/browser.py permerge-demo/report.html docs/report.png
+    python tests/browser.py permerge-demo/report.html docs/report.png [HEIGHT]
 """
 
 from __future__ import annotations
@@ -50,6 +50,6 @@ def dump_dom(page: Path) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit("usage: python tests/browser.py REPORT.html OUT.png")
-    screenshot(Path(sys.argv[1]), Path(sys.argv[2]), height=2000)
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit("usage: python tests/browser.py REPORT.html OUT.png [HEIGHT]")
+    screenshot(Path(sys.argv[1]), Path(sys.argv[2]), height=int(sys.argv[3]) if len(sys.argv) == 4 else 2000)

@@ -44,7 +44,7 @@ th,td{border:1px solid #d7d7d7;padding:3px 8px;text-align:left;vertical-align:to
 th{background:#f3f4f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
 code,pre{font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;background:#f6f8fa}
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}
-figure{margin:10px 0 22px}figure svg{max-width:100%;height:auto;display:block}
+figure{margin:10px 0 22px}figure svg{width:100%;max-width:1000px;height:auto;display:block}
 figcaption{color:#555;font-size:13px}.note{color:#555;font-size:13px}
 """
 
@@ -245,7 +245,7 @@ def render_report(out_dir: StrPath, *, title: str | None = None) -> str:
     version = (prov.get("versions") or {}).get("permerge", "?")
     body = [
         f"<h1>{_esc(title)}</h1>",
-        f'<p class="sub">{_esc(out.resolve())} · created {_esc(prov.get("created_utc", "?"))} · permerge {_esc(version)}</p>',
+        f'<p class="sub">{_esc(out)} · created {_esc(prov.get("created_utc", "?"))} · permerge {_esc(version)}</p>',
     ]
     if sets:
         body += [_barrier_section(sets), _figure_section(sets, title)]

@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     res = run_demo(args.out, models=args.models, quick=args.quick, seed=args.seed, force=args.force,
                    quiet=args.quiet, command=sys.argv)  # fmt: skip
     sys.stdout.write(
-        "Test loss / accuracy barriers on the line (1-α)·A + α·B between two seeds (digits; lower is better):\n\n"
+        "Test loss / accuracy barriers on the line (1-α)·A + α·B between two seeds (digits; lower is better;\n"
+        '"line" definition: the worst gap to the endpoints\' line; report.html has both definitions, train and test):\n\n'
         f"{format_table(res.rows)}\n\n"
         f"wrote {', '.join(sorted(p.name for p in res.out.iterdir()))} to {res.out}/ in {res.seconds:.0f} s\n"
     )

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import inspect
 import io
-import itertools
 import json
 import logging
 import sys
@@ -31,7 +29,7 @@ from tqdm.auto import tqdm
 
 from permerge.align import align
 from permerge.errors import PermergeError
-from permerge.evaluate import Curve, Metric, call_kwargs, interpolation_curve, metric_set, split_inputs
+from permerge.evaluate import Curve, Metric, call_kwargs, interpolation_curve, metric_set
 from permerge.models import MLP, VGG
 from permerge.repair import repair_transform
 
@@ -133,8 +131,8 @@ def compare_curves(
     applies :func:`~permerge.repair.repair` at every α on ``repair_batches`` batches of
     ``stats_data`` (default: ``data`` when it is one dataset). ``loss_fn`` and ``metrics`` as in
     :func:`~permerge.evaluate.metric_set` (``metrics="causal-lm"`` for language models);
-    ``example_kwargs`` go to the alignment's trace (Hugging Face models get ``use_cache=False``
-    by themselves). ``labels`` renames the keys. Models are not modified.
+    ``example_kwargs`` go to the alignment's trace and REPAIR's forward calls (Hugging Face models
+    get ``use_cache=False`` by themselves). ``labels`` renames the keys. Models are not modified.
     """
     names = {"naive": "naive", "aligned": "aligned", "bn": "aligned+BN reset", "repair": "aligned+REPAIR"}
     names.update(labels or {})
@@ -148,35 +146,17 @@ def compare_curves(
     curve = functools.partial(interpolation_curve, model_a, data=data, metrics=chosen, alphas=alphas)
     curves = {names["naive"]: curve(model_b)}
     base = model_b
+    kwargs = {**call_kwargs(model_a), **(example_kwargs or {})}
     if aligned is not None or align_method is not None:
-        kwargs = {**call_kwargs(model_a), **(example_kwargs or {})}
         base = aligned if aligned is not None else align(model_a, model_b, example_inputs, align_method, seed=seed,
                                                          example_kwargs=kwargs, quiet=True).model  # fmt: skip
         curves[names["aligned"]] = curve(base)
     if bn:
         curves[names["bn"]] = curve(base, bn_reset=stats, bn_batches=bn_batches)
     if repair:
-        fix = repair_transform(model_a, base, _keyword_batches(stats, model_a, repair_batches), batches=repair_batches)
+        fix = repair_transform(model_a, base, stats, batches=repair_batches, example_kwargs=kwargs)
         curves[names["repair"]] = curve(base, transform=fix)
     return curves
-
-
-def _keyword_batches(data: Iterable[Any], model: nn.Module, batches: int) -> Iterable[Any]:
-    """REPAIR traces and runs the model on each batch's inputs: a model with evaluation call keywords
-    (Hugging Face's ``use_cache=False``, see :func:`~permerge.evaluate.call_kwargs`) gets them, and its
-    first positional input by name, as keyword inputs."""
-    extra = call_kwargs(model)
-    if not extra:
-        return data
-    first = next(iter(inspect.signature(model.forward).parameters))
-    out = []
-    for batch in itertools.islice(data, batches):
-        inputs, rest = (batch[0], tuple(batch[1:])) if isinstance(batch, (tuple, list)) else (batch, ())
-        args, kwargs = split_inputs(inputs)
-        if len(args) > 1:
-            raise PermergeError(f"REPAIR on {type(model).__name__} needs batches whose inputs are one tensor or a dict of keywords")
-        out.append(({**extra, **({first: args[0]} if args else {}), **kwargs}, *rest))
-    return out
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int,

@@ -493,7 +493,7 @@ def interpolation_curve(
     for alpha in grid:
         model = interpolate(model_a, model_b, alpha)
         if bn_reset is not None:
-            model = reset_bn_stats(model, bn_reset, batches=bn_batches)
+            model = reset_bn_stats(model, bn_reset, batches=bn_batches, example_kwargs=call_kwargs(model))
         if transform is not None:
             model = transform(model, alpha)
         for ds, batches in datasets.items():

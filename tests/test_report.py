@@ -110,6 +110,20 @@ def test_report_of_an_align_only_directory(tmp_path):
     assert "<td>align: match</td>" in page
 
 
+def test_report_of_a_merge_directory_shows_its_result_and_each_alignment(tmp_path):
+    torch.manual_seed(0)
+    models = [MLP(in_features=12, hidden=(16,), num_classes=3) for _ in range(3)]
+    from permerge.merge.combine import merge_models
+
+    res = merge_models(models, (torch.randn(2, 12),), method="weight")
+    out = write_files(tmp_path / "out", {"spec.json": text_writer(res.spec.to_json())}, force=False, inputs={},
+                      command=["permerge", "merge"], config={}, report=res.report)  # fmt: skip
+    page = write_report(out).read_text()
+    assert re.findall(r"<h2>(.*?)</h2>", page) == ["Result", "Alignment", "Timings", "Provenance"]
+    assert "<tr><th>method</th><td>weight</td></tr>" in page and "<tr><th>models</th><td class=\"n\">3</td></tr>" in page
+    assert re.findall(r"<h3>(model \d aligned to model 0)</h3>", page) == ["model 1 aligned to model 0", "model 2 aligned to model 0"]
+
+
 def test_report_needs_a_result_directory_and_writes_nothing_otherwise(tmp_path):
     (tmp_path / "curves.json").write_text("{}")
     with pytest.raises(PermergeIOError, match="has no provenance.json: not a permerge result directory"):

@@ -112,7 +112,17 @@ def _align_reports(report: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str
             yield from ((str(k), v) for k, v in inner.items() if isinstance(v, Mapping) and "group_sizes" in v)
     for i, r in enumerate(report.get("alignments") or []):
         if isinstance(r, Mapping) and "group_sizes" in r:
-            yield f"model {i + 1}", r
+            yield f"model {i + 1} aligned to model 0", r
+
+
+def _result_section(report: Mapping[str, Any]) -> str:
+    """The report's own scalar entries (a merge's method, model count, rounds, parameters, …); an
+    alignment report's are shown with its groups instead."""
+    if "group_sizes" in report:
+        return ""
+    rows = [[k.replace("_", " "), v] for k, v in report.items()
+            if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) <= 120)]  # fmt: skip
+    return "<h2>Result</h2>" + _kv(rows) if rows else ""
 
 
 def _barrier_section(sets: Mapping[str, Mapping[str, Curve]]) -> str:
@@ -247,6 +257,7 @@ def render_report(out_dir: StrPath, *, title: str | None = None) -> str:
         f"<h1>{_esc(title)}</h1>",
         f'<p class="sub">{_esc(out)} · created {_esc(prov.get("created_utc", "?"))} · permerge {_esc(version)}</p>',
     ]
+    body.append(_result_section(report))
     if sets:
         body += [_barrier_section(sets), _figure_section(sets, title)]
     if reports:

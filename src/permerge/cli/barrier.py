@@ -78,9 +78,10 @@ def _loader(ref: str, flag: str) -> Iterable[Any]:
     return data
 
 
-def _metrics(ref: str, model: Any) -> Any:
+def _metrics(ref: str) -> Any:
+    """The metric set --metrics names (None for auto: it depends on the model), checked before any work."""
     if ref == "auto":
-        return metrics_for(model)
+        return None
     if ref in METRIC_SETS:
         return ref
     if ":" not in ref:
@@ -104,11 +105,12 @@ def run(args: argparse.Namespace) -> int:
         raise PermergeError(f"--alphas must be at least 2 (the endpoints), got {args.alphas}")
     inputs = {"a": args.a, "b": args.b}
     prepare_output_dir(args.out, force=args.force, inputs=inputs.values(), create=False)  # fail fast
+    metrics = _metrics(args.metrics)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     ref = load_model(args.model, args)
     a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
-    metrics = _metrics(args.metrics, a)
+    metrics = metrics or metrics_for(a)
     data = {"test": _loader(args.test_data, "--test-data")}
     if args.train_data:
         data = {"train": _loader(args.train_data, "--train-data"), **data}

@@ -240,7 +240,7 @@ def test_barrier_on_a_tiny_causal_lm_reports_perplexity_cli_and_api(tmp_path, mo
     assert api["naive"].values["test"]["perplexity"] == pytest.approx(ppl, rel=1e-5)
 
 
-def test_repair_on_a_hugging_face_model_gets_keyword_inputs():
+def test_repair_curve_on_a_hugging_face_causal_lm():
     pytest.importorskip("transformers")
     from hf_zoo import build
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -225,6 +226,9 @@ def test_evaluate_matches_hugging_face_own_causal_lm_loss():
     labels = ids.clone()
     labels[2, 8:] = -100
     assert call_kwargs(model) == {"use_cache": False} and call_kwargs(nn.Linear(2, 2)) == {}
+    cached_config_only = nn.Linear(2, 2)
+    cached_config_only.config = types.SimpleNamespace(use_cache=True)  # a config flag its forward does not take
+    assert call_kwargs(cached_config_only) == {}
     assert metrics_for(model) == "causal-lm" and metrics_for(nn.Linear(2, 2)) == "classification"
     vals = evaluate(model, [({"input_ids": ids}, labels)], metrics="causal-lm")
     with torch.no_grad():

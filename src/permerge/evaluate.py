@@ -22,6 +22,7 @@ where ``θ_α = (1−α)·θ_A + α·θ_B``.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import logging
@@ -102,8 +103,11 @@ def call_kwargs(model: nn.Module) -> dict[str, Any]:
     """Keyword arguments every evaluation call adds: ``use_cache=False`` for Hugging Face models
     with a cache (scoring whole sequences never reuses it, it costs memory, and ``torch.export``
     cannot trace the cache object it returns)."""
-    config = getattr(model, "config", None)
-    return {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return {}
+    params = inspect.signature(model.forward).parameters
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
 
 
 def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -39,7 +39,7 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
   max-width:1180px;margin:0 auto;padding:24px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:15px;margin:18px 0 6px}.sub{color:#555;margin:0 0 16px}
-table{border-collapse:collapse;margin:6px 0 12px;font-size:13px}
+table{border-collapse:collapse;margin:6px 0 12px;font-size:13px;display:block;overflow-x:auto;max-width:100%}
 th,td{border:1px solid #d7d7d7;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f3f4f6}td.n{text-align:right;font-variant-numeric:tabular-nums}
 code,pre{font:12px/1.4 ui-monospace,Menlo,Consolas,monospace;background:#f6f8fa}
@@ -134,16 +134,15 @@ def _barrier_section(sets: Mapping[str, Mapping[str, Curve]]) -> str:
         if name:
             parts.append(f"<h3>{_esc(name)}</h3>")
         first = next(iter(curves.values()))
-        cols = [(ds, m) for ds, ms in first.values.items() for m in ms if m in first.higher_is_better]
-        head = ["curve"] + [f"{m} on {ds} ({d})" for ds, m in cols for d in BARRIERS]
-        rows = []
-        for label, c in curves.items():
-            rows.append([label, *(c.barrier(m, ds, d) if ds in c.values and m in c.values[ds] else None
-                                  for ds, m in cols for d in BARRIERS)])  # fmt: skip
-        parts.append(_table(head, rows))
-        ends = [[label, *(c.values[ds][m][k] for ds, m in cols for k in (0, -1))] for label, c in curves.items()]
-        parts.append("<details><summary>endpoint values (α = 0 and α = 1)</summary>"
-                     + _table(["curve"] + [f"{m} on {ds} at {a}" for ds, m in cols for a in ("A", "B")], ends) + "</details>")  # fmt: skip
+        for ds, ms in first.values.items():
+            metrics = [m for m in ms if m in first.higher_is_better]
+            head = [f"curve (on {ds})"] + [f"{m} ({d})" for m in metrics for d in BARRIERS]
+            rows = [[label, *(c.barrier(m, ds, d) if m in c.values.get(ds, {}) else None for m in metrics for d in BARRIERS)]
+                    for label, c in curves.items()]  # fmt: skip
+            parts.append(_table(head, rows))
+            ends = [[label, *(c.values[ds][m][k] for m in metrics for k in (0, -1))] for label, c in curves.items()]
+            parts.append(f"<details><summary>values at the endpoints on {_esc(ds)} (α = 0: A, α = 1: B)</summary>"
+                         + _table(["curve"] + [f"{m} at {e}" for m in metrics for e in ("A", "B")], ends) + "</details>")  # fmt: skip
     return "".join(parts)
 
 
@@ -251,7 +250,8 @@ def render_report(out_dir: StrPath, *, title: str | None = None) -> str:
     spec = PermutationSpec.from_json((out / "spec.json").read_text(encoding="utf-8")) if (out / "spec.json").is_file() else None
     reports = list(_align_reports(report))
     cmd = prov.get("command") or []
-    title = title or f"permerge {cmd[1] if isinstance(cmd, list) and len(cmd) > 1 else ''} report".replace("  ", " ")
+    sub = next((c for c in cmd[1:] if not str(c).startswith("-")), "") if isinstance(cmd, list) else ""
+    title = title or " ".join(filter(None, ["permerge", sub, "report"]))
     version = (prov.get("versions") or {}).get("permerge", "?")
     body = [
         f"<h1>{_esc(title)}</h1>",

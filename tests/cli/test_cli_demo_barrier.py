@@ -137,7 +137,7 @@ def test_barrier_writes_curves_plot_spec_report_and_provenance(setup, tmp_path, 
     assert prov["report"]["align"]["groups"] == 2 and set(prov["report"]["timing_s"]) >= {"align", "curves"}
     assert [_digest(a), _digest(b)] == digests
     page = (out / "report.html").read_text()
-    assert page.count("<svg") == 1 and "net.1.weight:0" in page and "loss on test (line)" in page
+    assert page.count("<svg") == 1 and "net.1.weight:0" in page and "<th>curve (on test)</th>" in page
 
 
 def test_barrier_align_none_svg_and_generator_data(setup, tmp_path, capsys):
@@ -234,7 +234,7 @@ def test_barrier_on_a_tiny_causal_lm_reports_perplexity_cli_and_api(tmp_path, mo
     assert naive["summary"]["test"]["perplexity"]["barrier"]["mean"] == pytest.approx(max(ppl) - (ppl[0] + ppl[-1]) / 2, rel=1e-9)
     # aligning B to A changes no function: the aligned curve ends at B's perplexity
     assert curves["aligned"]["values"]["test"]["perplexity"][-1] == pytest.approx(ppl[-1], rel=1e-4)
-    assert "perplexity on test (line)" in (out / "report.html").read_text()
+    assert "<th>perplexity (mean)</th>" in (out / "report.html").read_text()
     # the API gives the same numbers
     api = compare_curves(*models, {"test": pm_lm_data.test()}, None, align_method=None, repair=False, alphas=3, metrics="causal-lm")
     assert api["naive"].values["test"]["perplexity"] == pytest.approx(ppl, rel=1e-5)

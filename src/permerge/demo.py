@@ -4,12 +4,14 @@ On scikit-learn's bundled digits (1,797 8×8 images; nothing is downloaded) it t
 of a small MLP — and of a small CNN without normalisation — from different seeds, aligns the
 second to the first by weight matching, and measures the test loss and accuracy barriers of the
 straight line between them three ways: naive averaging, after weight matching, and after weight
-matching + REPAIR. It writes one figure per model and every curve as JSON and CSV.
+matching + REPAIR, on train and test data. It writes one figure per model, every curve as JSON
+and CSV, and a self-contained HTML report.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from permerge.align import align
 from permerge.errors import PermergeError
-from permerge.evaluate import Curve, interpolation_curve
+from permerge.evaluate import Curve, Metric, call_kwargs, interpolation_curve, metric_set
 from permerge.models import MLP, VGG
 from permerge.repair import repair_transform
 
@@ -113,7 +115,9 @@ def compare_curves(
     repair: bool = True,
     repair_batches: int = 10,
     alphas: int | Sequence[float] = 11,
-    loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    metrics: str | Mapping[str, Metric] | None = None,
+    example_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
     labels: Mapping[str, str] | None = None,
 ) -> dict[str, Curve]:
@@ -125,26 +129,33 @@ def compare_curves(
     ``"aligned+BN reset"`` re-estimates BatchNorm statistics at every α on ``bn_batches`` batches
     of ``stats_data`` (only for models with BatchNorm and ``bn_batches > 0``); ``"aligned+REPAIR"``
     applies :func:`~permerge.repair.repair` at every α on ``repair_batches`` batches of
-    ``stats_data`` (default: ``data``). ``labels`` renames the keys. Models are not modified.
+    ``stats_data`` (default: ``data`` when it is one dataset). ``loss_fn`` and ``metrics`` as in
+    :func:`~permerge.evaluate.metric_set` (``metrics="causal-lm"`` for language models);
+    ``example_kwargs`` go to the alignment's trace and REPAIR's forward calls (Hugging Face models
+    get ``use_cache=False`` by themselves). ``labels`` renames the keys. Models are not modified.
     """
     names = {"naive": "naive", "aligned": "aligned", "bn": "aligned+BN reset", "repair": "aligned+REPAIR"}
     names.update(labels or {})
-    if isinstance(data, Mapping):
-        stats = stats_data if stats_data is not None else next(iter(data.values()))
-    else:
-        stats = stats_data if stats_data is not None else data
-    curves = {names["naive"]: interpolation_curve(model_a, model_b, data, loss_fn, alphas=alphas)}
+    chosen = metric_set(metrics, loss_fn)  # errors before any work
+    bn = bn_batches > 0 and has_batchnorm(model_a)
+    stats = stats_data
+    if stats is None and (bn or repair):
+        if isinstance(data, Mapping) and len(data) != 1:
+            raise PermergeError(f"BN reset and REPAIR need stats_data: data has several datasets {list(data)}; say which to measure on")
+        stats = next(iter(data.values())) if isinstance(data, Mapping) else data
+    curve = functools.partial(interpolation_curve, model_a, data=data, metrics=chosen, alphas=alphas)
+    curves = {names["naive"]: curve(model_b)}
     base = model_b
+    kwargs = {**call_kwargs(model_a), **(example_kwargs or {})}
     if aligned is not None or align_method is not None:
         base = aligned if aligned is not None else align(model_a, model_b, example_inputs, align_method, seed=seed,
-                                                         quiet=True).model  # fmt: skip
-        curves[names["aligned"]] = interpolation_curve(model_a, base, data, loss_fn, alphas=alphas)
-    if bn_batches > 0 and has_batchnorm(model_a):
-        curves[names["bn"]] = interpolation_curve(model_a, base, data, loss_fn, alphas=alphas, bn_reset=stats,
-                                                  bn_batches=bn_batches)  # fmt: skip
+                                                         example_kwargs=kwargs, quiet=True).model  # fmt: skip
+        curves[names["aligned"]] = curve(base)
+    if bn:
+        curves[names["bn"]] = curve(base, bn_reset=stats, bn_batches=bn_batches)
     if repair:
-        fix = repair_transform(model_a, base, stats, batches=repair_batches)
-        curves[names["repair"]] = interpolation_curve(model_a, base, data, loss_fn, alphas=alphas, transform=fix)
+        fix = repair_transform(model_a, base, stats, batches=repair_batches, example_kwargs=kwargs)
+        curves[names["repair"]] = curve(base, transform=fix)
     return curves
 
 
@@ -193,9 +204,10 @@ def run_demo(
 ) -> DemoResult:
     """Train two seeds of each demo model on digits, align, measure barriers, write results to ``out``.
 
-    Writes ``out/<model>.png`` (loss and accuracy vs α for the three curves), ``out/curves.json``,
-    ``out/curves.csv``, ``out/barriers.md`` (the table) and ``out/provenance.json``, all or
-    nothing; ``out`` must be new or empty unless ``force``. Seeds ``seed`` and ``seed + 1``.
+    Writes ``out/<model>.png`` (loss and accuracy vs α, train and test, for the three curves),
+    ``out/curves.json``, ``out/curves.csv``, ``out/barriers.md`` (the table, test barriers, "line"
+    definition), ``out/provenance.json`` and ``out/report.html``, all or nothing; ``out`` must be
+    new or empty unless ``force``. Seeds ``seed`` and ``seed + 1``.
     """
     from permerge.io.write import prepare_output_dir
 
@@ -217,6 +229,7 @@ def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas:
     from permerge.io.outputs import write_files
     from permerge.io.write import text_writer
     from permerge.plot import plot_curves
+    from permerge.report import write_report
 
     start = time.perf_counter()
     x, y, xt, yt = digits(seed)
@@ -234,14 +247,17 @@ def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas:
                 torch.manual_seed(s)
                 pair.append(_train(spec.factory(), x, y, epochs=epochs, lr=spec.lr, seed=s, bar=bar))
             trained[name] = pair
+    train_seconds = time.perf_counter() - start
+    aligned = {}
     for name in models:
         a, b = trained[name]
-        model_curves = compare_curves(a, b, test, x[:2], stats_data=train_batches, alphas=alphas, seed=seed,
-                                      labels={"aligned": LABELS[1], "repair": LABELS[2]})  # fmt: skip
+        aligned[name] = align(a, b, x[:2], "weight", seed=seed, quiet=True)
+        model_curves = compare_curves(a, b, {"train": train_batches, "test": test}, None, aligned=aligned[name].model,
+                                      stats_data=train_batches, alphas=alphas, labels={"aligned": LABELS[1], "repair": LABELS[2]})  # fmt: skip
         curves[name] = model_curves
-        first = model_curves[LABELS[0]].values["data"]["accuracy"]
+        first = model_curves[LABELS[0]].series("accuracy", "test")
         rows.append(DemoRow(name, DEMO_MODELS[name].description, first[0], first[-1],
-                            {k: (c.loss_barrier, c.accuracy_barrier) for k, c in model_curves.items()}))  # fmt: skip
+                            {k: (c.barrier("loss", "test"), c.barrier("accuracy", "test")) for k, c in model_curves.items()}))  # fmt: skip
         LOG.info("%s: %s", name, rows[-1].barriers)
     table = format_table(rows)
     files: dict[str, Callable[[Path], object]] = {
@@ -253,9 +269,12 @@ def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas:
     files["curves.csv"] = text_writer(curves_csv(flat))
     files["barriers.md"] = text_writer(table + "\n")
     seconds = time.perf_counter() - start
-    report = {"table": table, "barriers": {r.model: r.barriers for r in rows}, "seconds": seconds}
+    report = {"table": table, "barriers": {r.model: r.barriers for r in rows}, "align": {m: r.report for m, r in aligned.items()},
+              "timing_s": {"data + training": train_seconds, "evaluating curves": sum(c.seconds or 0.0 for cs in curves.values() for c in cs.values()),
+                           "total": seconds}}  # fmt: skip
     config = {"models": list(models), "quick": quick, "seed": seed, "alphas": alphas}
     path = write_files(out, files, force=force, inputs={}, command=list(command or sys.argv), config=config, report=report)
+    write_report(path, title="permerge demo: two seeds on digits, naive vs weight-matched vs REPAIR")
     return DemoResult(tuple(rows), curves, path, seconds)
 
 

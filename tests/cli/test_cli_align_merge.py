@@ -41,7 +41,9 @@ def test_align_writes_aligned_model_permutation_spec_provenance(ckpts, tmp_path,
     out = tmp_path / "out"
     assert main(["align", *MODEL, str(a), str(b), "-o", str(out)]) == 0
     assert "aligned 2/2 groups (weight)" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "spec.json"]
+    names = ["model.safetensors", "permutation.safetensors", "provenance.json", "report.html", "spec.json"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert "<h2>Alignment</h2>" in (out / "report.html").read_text() and "net.1.weight:0" in (out / "report.html").read_text()
     assert (_digest(a), _digest(b)) == digests  # inputs untouched
     model_b, aligned = _mlp(1), _mlp(1)
     aligned.load_state_dict(load_file(out / "model.safetensors"))

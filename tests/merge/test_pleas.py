@@ -137,7 +137,7 @@ def test_cli_merge_pleas_writes_the_wider_model_and_its_architecture(tmp_path, d
     assert "pleas" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == [
         "architecture.json", "model.safetensors", "permutation_0.safetensors", "permutation_1.safetensors",
-        "provenance.json", "spec.json",
+        "provenance.json", "report.html", "spec.json",
     ]  # fmt: skip
     arch = json.loads((out / "architecture.json").read_text())
     assert {g["width"] for g in arch["groups"].values()} == {24}

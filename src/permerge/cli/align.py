@@ -26,6 +26,7 @@ from permerge.errors import PermergeError
 from permerge.io.hf import is_hf_dir
 from permerge.io.outputs import write_result
 from permerge.io.write import prepare_output_dir
+from permerge.report import write_report
 from permerge.spec import PermutationSpec
 
 HELP = "align checkpoint B to checkpoint A (Git Re-Basin)"
@@ -77,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         permutations={"permutation": res.permutation}, spec=res.spec, command=sys.argv,
         config={k: v for k, v in vars(args).items() if k != "run"}, report=res.report,
     )  # fmt: skip
+    write_report(args.out)
     sys.stdout.write(
         f"aligned {res.report['changed_groups']}/{res.report['groups']} groups ({args.method}); wrote {args.out}\n"
     )
@@ -94,6 +96,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         device=args.device, workers=args.workers, out_dtype=args.out_dtype, max_shard_size=args.max_shard_size,
         force=args.force, quiet=args.quiet, command=sys.argv, config={k: v for k, v in vars(args).items() if k != "run"},
     )  # fmt: skip
+    write_report(res.out)
     sys.stdout.write(
         f"aligned {res.report['changed_groups']}/{res.report['groups']} groups (weight, "
         f"{'streamed' if args.stream else 'in memory'}); wrote {res.out}\n"

@@ -1,11 +1,18 @@
-"""Measure the loss and accuracy barrier between two checkpoints, naive and aligned (and repaired).
+"""Measure the barriers between two checkpoints, naive and aligned (and repaired), on train and test data.
 
-Evaluates (1-α)·A + α·B on --data for every α: naive (B as given), aligned (B weight-matched to
-A; skipped with --align none), aligned + BatchNorm reset at every α (models with BatchNorm; off
-with --bn-reset-batches 0) and, with --repair, aligned + REPAIR. BN reset and REPAIR measure
-statistics on --stats-data (default: --data). Writes OUT/curves.json (every value plus barriers
-and midpoint gaps), OUT/curves.csv, OUT/barrier.png (or .svg) and OUT/provenance.json, all or
-nothing; inputs are never modified; OUT must be new or empty unless --force.
+Evaluates (1-α)·A + α·B for every α on --test-data (and --train-data when given): naive (B as
+given), aligned (B weight-matched to A; skipped with --align none), aligned + BatchNorm reset at
+every α (models with BatchNorm; off with --bn-reset-batches 0) and, with --repair, aligned +
+REPAIR. Metrics come from --metrics, each with its direction stated: "classification"
+(cross-entropy loss, accuracy) or "causal-lm" (next-token loss, perplexity, token accuracy; the
+default for Hugging Face causal LMs, whose batches are (token ids, labels) with -100 at padding).
+Every barrier is reported by both definitions: "line" (Entezari et al. 2022: the excess over the
+straight line between the endpoints' values) and "mean" (Git Re-Basin, Ainsworth et al. 2023:
+the excess over the endpoints' mean). BN reset and REPAIR measure statistics on --stats-data
+(default: --train-data, else --test-data). Writes OUT/curves.json (every value, both barriers per
+dataset and metric), OUT/curves.csv, OUT/barrier.png (or .svg), OUT/spec.json (when aligned),
+OUT/provenance.json and OUT/report.html (self-contained: open it in a browser); inputs are never
+modified; OUT must be new or empty unless --force.
 """
 
 from __future__ import annotations
@@ -13,22 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from permerge.align import align
 from permerge.cli._checkpoints import load_into, resolve_callable
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.demo import compare_curves, curves_csv
 from permerge.errors import PermergeError
+from permerge.evaluate import BARRIERS, METRIC_SETS, Curve, call_kwargs, metric_set, metrics_for
 from permerge.io.outputs import write_files
 from permerge.io.write import prepare_output_dir, text_writer
 from permerge.plot import plot_curves
+from permerge.report import write_report
 
-HELP = "loss/accuracy barrier between two checkpoints (naive, aligned, BN reset, REPAIR)"
+HELP = "barriers (both definitions) between two checkpoints on train/test data: naive, aligned, BN reset, REPAIR"
 EPILOG = """examples:
-  permerge barrier --model vgg a.safetensors b.safetensors --data mypkg.data:test_loader -o barrier/ --repair
-  permerge barrier --model mypkg.nets:mlp --input-shape 2,784 a.pt b.pt --data mypkg.data:test_loader \\
-      --stats-data mypkg.data:train_loader --alphas 21 --align none -o naive/
+  permerge barrier --model vgg a.safetensors b.safetensors --train-data mypkg.data:train --test-data mypkg.data:test -o barrier/ --repair
+  permerge barrier --model llama-a/ llama-a/ llama-b/ --test-data mypkg.text:batches --metrics causal-lm -o lm-barrier/
+  permerge barrier --model mypkg.nets:mlp --input-shape 2,784 a.pt b.pt --test-data mypkg.data:test --alphas 21 --align none -o naive/
 """
 
 
@@ -37,8 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("b", help="checkpoint of model B")
     p.add_argument("--model", required=True, help="architecture: built-in example, package.module:factory, or HF dir")
     add_model_arguments(p, positional=False)
-    p.add_argument("--data", required=True, help="package.module:function returning a DataLoader of (inputs, targets)")
-    p.add_argument("--stats-data", help="package.module:function for BN reset / REPAIR statistics (default: --data)")
+    p.add_argument("--test-data", "--data", dest="test_data", required=True,
+                   help="package.module:function returning batches of (inputs, targets): the test data")  # fmt: skip
+    p.add_argument("--train-data", help="package.module:function for the training data (evaluated too: train-vs-test)")
+    p.add_argument("--stats-data", help="package.module:function for BN reset / REPAIR statistics (default: train, else test)")
+    p.add_argument("--metrics", default="auto",
+                   help=f"metric set: {', '.join(METRIC_SETS)}, auto (causal-lm for Hugging Face causal LMs, else "
+                        "classification) or package.module:name of a dict name → permerge.evaluate.Metric")  # fmt: skip
     p.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --force)")
     p.add_argument("--alphas", type=int, default=11, help="points on the α grid from 0 to 1 (default 11)")
     p.add_argument("--align", choices=("weight", "none"), default="weight", help="align B to A first (default weight)")
@@ -62,35 +78,73 @@ def _loader(ref: str, flag: str) -> Iterable[Any]:
     return data
 
 
+def _metrics(ref: str) -> Any:
+    """The metric set --metrics names (None for auto: it depends on the model), checked before any work."""
+    if ref == "auto":
+        return None
+    if ref in METRIC_SETS:
+        return ref
+    if ":" not in ref:
+        raise PermergeError(f"--metrics {ref!r}: choose {', '.join(METRIC_SETS)}, auto, or package.module:name")
+    return metric_set(resolve_callable(ref))  # checks every direction is stated
+
+
+def _table(curves: dict[str, Curve], dataset: str) -> str:
+    first = next(iter(curves.values()))
+    metrics = [m for m in first.values[dataset] if m in first.higher_is_better]
+    cols = [f"{m} {d}" for m in metrics for d in BARRIERS]
+    width = max(len("curve"), *(len(k) for k in curves))
+    lines = [f"{'curve':<{width}}  " + "  ".join(f"{c:>14}" for c in cols)]
+    for label, c in curves.items():
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{c.barrier(m, dataset, d) + 0.0:>14.4f}" for m in metrics for d in BARRIERS))
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.alphas < 2:
         raise PermergeError(f"--alphas must be at least 2 (the endpoints), got {args.alphas}")
     inputs = {"a": args.a, "b": args.b}
     prepare_output_dir(args.out, force=args.force, inputs=inputs.values(), create=False)  # fail fast
+    metrics = _metrics(args.metrics)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
     ref = load_model(args.model, args)
     a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
-    data = _loader(args.data, "--data")
-    stats = _loader(args.stats_data, "--stats-data") if args.stats_data else data
+    metrics = metrics or metrics_for(a)
+    data = {"test": _loader(args.test_data, "--test-data")}
+    if args.train_data:
+        data = {"train": _loader(args.train_data, "--train-data"), **data}
+    stats = _loader(args.stats_data, "--stats-data") if args.stats_data else data.get("train", data["test"])
+    times["load models and data"] = time.perf_counter() - t0
+    aligned = None
+    if args.align != "none":
+        t0 = time.perf_counter()
+        aligned = align(a, b, ref.inputs, args.align, example_kwargs={**call_kwargs(a), **ref.kwargs}, seed=args.seed,
+                        quiet=args.quiet)  # fmt: skip
+        times["align"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     curves = compare_curves(
-        a, b, data, ref.inputs, align_method=None if args.align == "none" else args.align, stats_data=stats,
+        a, b, data, ref.inputs, align_method=None, aligned=aligned.model if aligned else None, stats_data=stats,
         bn_batches=args.bn_reset_batches, repair=args.repair, repair_batches=args.repair_batches,
-        alphas=args.alphas, seed=args.seed,
-        labels={"bn": "naive+BN reset", "repair": "naive+REPAIR"} if args.align == "none" else None,
+        alphas=args.alphas, metrics=metrics, seed=args.seed,
+        labels={"bn": "naive+BN reset", "repair": "naive+REPAIR"} if aligned is None else None,
     )  # fmt: skip
-    summary = {k: {"loss_barrier": c.loss_barrier, "accuracy_barrier": c.accuracy_barrier,
-                   "loss_midpoint_gap": c.midpoint_gap("loss")} for k, c in curves.items()}  # fmt: skip
+    times["curves"] = time.perf_counter() - t0
     plot = f"barrier.{args.plot_format}"
     files = {
         "curves.json": text_writer(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1) + "\n"),
         "curves.csv": text_writer(curves_csv(curves)),
         plot: lambda p: plot_curves(curves, p, title=f"{args.a} → {args.b}", format=args.plot_format),
     }
+    report: dict[str, Any] = {"barriers": {k: c.summary() for k, c in curves.items()}, "timing_s": times}
+    if aligned is not None:
+        files["spec.json"] = text_writer(aligned.spec.to_json())
+        report["align"] = aligned.report
     config = {k: v for k, v in vars(args).items() if k != "run"}
-    write_files(args.out, files, force=args.force, inputs=inputs, command=sys.argv, config=config,
-                report={"barriers": summary})  # fmt: skip
-    width = max(len(k) for k in curves)
-    lines = [f"{'curve':<{width}}  loss barrier  acc barrier", *(
-        f"{k:<{width}}  {s['loss_barrier'] + 0.0:>12.4f}  {100 * s['accuracy_barrier'] + 0.0:>8.2f} pt" for k, s in summary.items())]
-    sys.stdout.write("\n".join(lines) + f"\nwrote curves.json, curves.csv, {plot}, provenance.json to {args.out}\n")
+    write_files(args.out, files, force=args.force, inputs=inputs, command=sys.argv, config=config, report=report)
+    write_report(args.out, title=f"permerge barrier: {args.a} → {args.b}")
+    tables = "\n\n".join(f"barriers on {ds}:\n{_table(curves, ds)}" for ds in data)
+    definitions = "; ".join(f"{k}: {d.formula} ({d.source})" for k, d in BARRIERS.items())
+    names = ", ".join(sorted([*files, "provenance.json", "report.html"]))
+    sys.stdout.write(f"{tables}\n\n{definitions}\nwrote {names} to {args.out}\n")
     return 0
-

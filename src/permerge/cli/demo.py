@@ -3,8 +3,9 @@
 Trains two seeds of a small MLP and a small CNN without normalisation (about half a minute on
 2 CPU cores), aligns each pair by weight matching, and prints the test loss / accuracy barrier of
 naive averaging, of the weight-matched pair, and of the weight-matched pair with REPAIR. Writes
-OUT/mlp.png and OUT/cnn.png (loss and accuracy vs α), OUT/curves.json, OUT/curves.csv,
-OUT/barriers.md and OUT/provenance.json. Nothing is downloaded. OUT must be new or empty unless
+OUT/mlp.png and OUT/cnn.png (loss and accuracy vs α, train and test), OUT/curves.json,
+OUT/curves.csv, OUT/barriers.md, OUT/provenance.json and OUT/report.html (self-contained: open
+it in a browser, no network needed). Nothing is downloaded. OUT must be new or empty unless
 --force.
 """
 
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     res = run_demo(args.out, models=args.models, quick=args.quick, seed=args.seed, force=args.force,
                    quiet=args.quiet, command=sys.argv)  # fmt: skip
     sys.stdout.write(
-        "Test loss / accuracy barriers on the line (1-α)·A + α·B between two seeds (digits; lower is better):\n\n"
+        "Test loss / accuracy barriers on the line (1-α)·A + α·B between two seeds (digits; lower is better;\n"
+        '"line" definition: the worst gap to the endpoints\' line; report.html has both definitions, train and test):\n\n'
         f"{format_table(res.rows)}\n\n"
         f"wrote {', '.join(sorted(p.name for p in res.out.iterdir()))} to {res.out}/ in {res.seconds:.0f} s\n"
     )

@@ -21,6 +21,7 @@ from permerge.errors import PermergeError
 from permerge.io.outputs import write_files, write_result
 from permerge.io.write import permutation_writer, prepare_output_dir, safetensors_writer, text_writer
 from permerge.merge.combine import METHODS, MergeResult, merge_models
+from permerge.report import write_report
 
 HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS)"
 EPILOG = """examples:
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         permutations={f"permutation_{i}": p for i, p in enumerate(res.permutations)}, spec=res.spec,
         command=sys.argv, config=config, report=res.report,
     )  # fmt: skip
+    write_report(args.out)
     sys.stdout.write(f"merged {len(models)} models ({args.method}); wrote {args.out}\n")
     return 0
 
@@ -110,3 +112,4 @@ def _write_widened(args: argparse.Namespace, inputs: dict[str, str], res: MergeR
     for i, perm in enumerate(res.permutations):
         files[f"permutation_{i}.safetensors"] = permutation_writer(perm)
     write_files(args.out, files, force=args.force, inputs=inputs, command=sys.argv, config=config, report=res.report)
+    write_report(args.out)

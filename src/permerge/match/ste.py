@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.errors import PermergeError
+from permerge.evaluate import logits
 from permerge.match.weight import weight_matching
 from permerge.permutation import Permutation
 from permerge.spec import PermutationSpec
@@ -88,7 +89,7 @@ def ste_matching(
         mid = {k: 0.5 * (sd_a[k] + projected[k]) if sd_a[k].is_floating_point() else sd_a[k] for k in sd_a}
         for k in trainable:  # value of π(θ_B), gradient of θ̃
             mid[k] = 0.5 * (sd_a[k] + projected[k] + (tilde[k] - tilde[k].detach()))
-        loss = loss_fn(_output(functional_call(net, mid, (x,))), y)
+        loss = loss_fn(logits(functional_call(net, mid, (x,))), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -105,13 +106,3 @@ def _project(spec: PermutationSpec, tilde: Mapping[str, torch.Tensor], sd_b: Map
     """The permutation of B nearest to θ̃ (weight matching of θ̃ against θ_B)."""
     found = weight_matching(spec, tilde, {k: sd_b[k] for k in keys}, init={g.name: perm[g.name] for g in spec.groups}, quiet=True)
     return {**perm, **found.permutation}
-
-
-def _output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0]

@@ -28,8 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.align import align
+from permerge.batches import call_kwargs
 from permerge.errors import PermergeError
-from permerge.evaluate import Curve, Metric, call_kwargs, interpolation_curve, metric_set
+from permerge.evaluate import Curve, Metric, interpolation_curve, metric_set
 from permerge.models import MLP, VGG
 from permerge.repair import repair_transform
 

@@ -22,7 +22,6 @@ where ``θ_α = (1−α)·θ_A + α·θ_B``.
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import logging
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from permerge.batches import as_call, call_kwargs
 from permerge.errors import PermergeError
 from permerge.merge import interpolate
 from permerge.repair import reset_bn_stats
@@ -58,7 +58,6 @@ __all__ = [
     "Metric",
     "accuracy",
     "barrier",
-    "call_kwargs",
     "causal_lm_loss",
     "evaluate",
     "interpolation_curve",
@@ -66,7 +65,6 @@ __all__ = [
     "metric_set",
     "metrics_for",
     "model_logits",
-    "split_inputs",
 ]
 
 IGNORE_INDEX = -100  # the Hugging Face / PyTorch convention for labels that do not count (padding)
@@ -99,34 +97,13 @@ def logits(output: Any) -> torch.Tensor:
     )
 
 
-def call_kwargs(model: nn.Module) -> dict[str, Any]:
-    """Keyword arguments every evaluation call adds: ``use_cache=False`` for Hugging Face models
-    with a cache (scoring whole sequences never reuses it, it costs memory, and ``torch.export``
-    cannot trace the cache object it returns)."""
-    if getattr(getattr(model, "config", None), "use_cache", None) is None:
-        return {}
-    params = inspect.signature(model.forward).parameters
-    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {"use_cache": False} if takes else {}
-
-
-def split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A batch's inputs as ``(args, kwargs)``: a mapping is keyword arguments, a tuple or list
-    positional arguments, anything else the one positional argument."""
-    if isinstance(inputs, Mapping):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
 def model_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Run ``model`` on a batch's ``inputs`` (moved to the model's device) and return its :func:`logits`."""
     device = next((p.device for p in model.parameters()), None)
     if device is not None:
         inputs = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
-    args, kwargs = split_inputs(inputs)
-    return logits(model(*args, **{**call_kwargs(model), **kwargs}))
+    args, kwargs = as_call(inputs, call_kwargs(model))
+    return logits(model(*args, **kwargs))
 
 
 # -- metrics ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from permerge.batches import as_call, inputs_of
 from permerge.errors import PermergeError, StateDictMismatchError
 from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import BATCH_NORM, CONV_TRANSPOSE, LAYER_NORM, Layer
@@ -40,20 +41,6 @@ LOG = logging.getLogger(__name__)
 __all__ = ["repair", "repair_merge", "repair_sites", "repair_transform", "reset_bn_stats"]
 
 aten = torch.ops.aten
-
-
-def _inputs(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _user_inputs(batch: Any, example_kwargs: Mapping[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """A batch (inputs, ``(inputs, targets)``, or a dict of keyword inputs) as ``(args, kwargs)``,
-    with ``example_kwargs`` (e.g. ``use_cache=False``) added to every call."""
-    x = _inputs(batch)
-    kwargs = dict(example_kwargs or {})
-    if isinstance(x, Mapping):
-        return (), {**kwargs, **x}
-    return (x if isinstance(x, tuple) else (x,)), kwargs
 
 
 def reset_bn_stats(
@@ -76,7 +63,7 @@ def reset_bn_stats(
     out.train()
     with torch.no_grad():
         for batch in itertools.islice(data, batches):
-            args, kwargs = _user_inputs(batch, example_kwargs)
+            args, kwargs = as_call(inputs_of(batch), example_kwargs)
             out(*args, **kwargs)
     for m, mom in zip(norms, momenta):
         m.momentum = mom
@@ -266,7 +253,7 @@ def _take_batches(data: Iterable[Any], batches: int) -> list[Any]:
 
 
 def _leading(batch: Any) -> int | None:
-    leaves = [t for t in pytree.tree_leaves(_inputs(batch)) if isinstance(t, torch.Tensor)]
+    leaves = [t for t in pytree.tree_leaves(inputs_of(batch)) if isinstance(t, torch.Tensor)]
     return int(leaves[0].shape[0]) if leaves and leaves[0].dim() else None
 
 
@@ -286,7 +273,7 @@ class _Repairer:
             if type(m) is not type(models[0]):
                 raise StateDictMismatchError(
                     f"models have different classes: {type(models[0]).__name__} vs {type(m).__name__}")  # fmt: skip
-        self.batches = [_user_inputs(b, example_kwargs) for b in _take_batches(data, batches)]
+        self.batches = [as_call(inputs_of(b), example_kwargs) for b in _take_batches(data, batches)]
         args, kwargs = self.batches[0]
         self.traced = trace_graph(models[0], args, example_kwargs=kwargs)
         self.sites = repair_sites(self.traced, include_outputs=include_outputs)

@@ -25,11 +25,12 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from permerge.align import align
+from permerge.batches import call_kwargs
 from permerge.cli._checkpoints import load_into, resolve_callable
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.demo import compare_curves, curves_csv
 from permerge.errors import PermergeError
-from permerge.evaluate import BARRIERS, METRIC_SETS, Curve, call_kwargs, metric_set, metrics_for
+from permerge.evaluate import BARRIERS, METRIC_SETS, Curve, metric_set, metrics_for
 from permerge.io.outputs import write_files
 from permerge.io.write import prepare_output_dir, text_writer
 from permerge.plot import plot_curves

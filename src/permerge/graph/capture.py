@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 
+from permerge.batches import call_kwargs
 from permerge.errors import TraceError
 from permerge.graph.spaces import Why
 from permerge.spec import FrozenKind
@@ -46,6 +47,7 @@ class Program:
     constants: Mapping[str, torch.Tensor]
     user_outputs: tuple[int, ...]
     example: tuple[tuple[Any, ...], Mapping[str, Any]]  # the (args, kwargs) it was exported with
+    defaults: Mapping[str, Any]  # keyword arguments added to every call (use_cache=False for HF models)
 
     @property
     def graph(self) -> fx.Graph:
@@ -121,10 +123,12 @@ def capture(
     model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None, *, train: bool = False
 ) -> Captured:
     """Export ``model`` in eval mode, or train mode with ``train`` (flags restored afterwards;
-    weights and buffers never touched)."""
+    weights and buffers never touched). Hugging Face models get ``use_cache=False`` unless the
+    example says otherwise (their cache object cannot be traced)."""
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected an nn.Module, got {type(model).__name__}")
-    args, kwargs = as_args(example_inputs), dict(example_kwargs or {})
+    defaults = {k: v for k, v in call_kwargs(model).items() if k not in (example_kwargs or {})}
+    args, kwargs = as_args(example_inputs), {**defaults, **(example_kwargs or {})}
 
     def run() -> Any:
         try:
@@ -165,6 +169,6 @@ def capture(
                              "which permerge cannot feed")  # fmt: skip
     user_outputs = tuple(i for i, s in enumerate(ep.graph_signature.output_specs) if s.kind == OutputKind.USER_OUTPUT)
     constants = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
-    program = Program(ep.graph_module, tuple(inputs), constants, user_outputs, (args, kwargs))
+    program = Program(ep.graph_module, tuple(inputs), constants, user_outputs, (args, kwargs), defaults)
     LOG.debug("exported %s: %d nodes", type(model).__name__, len(ep.graph.nodes))
     return Captured(program, params, frozen, _aliases(model), tuple(model.state_dict().keys()))

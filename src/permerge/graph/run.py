@@ -92,7 +92,7 @@ class GraphRunner:
         self.kept: dict[str, Any] = {}
         self.env: dict[str, Any] = {}
         self.state: dict[str, str] = {}  # placeholder → state-dict key, looked up at each use
-        flat = [pytree.tree_flatten((tuple(args), dict(kwargs)))[0] for args, kwargs in batches]
+        flat = [pytree.tree_flatten((tuple(args), {**program.defaults, **kwargs}))[0] for args, kwargs in batches]
         users = sum(kind == USER for kind, _ in program.inputs)
         if any(len(f) < users for f in flat):
             raise PermergeError(f"a batch has fewer inputs than the traced example input ({users})")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from permerge.batches import as_call, inputs_of
 from permerge.errors import PermergeError, SpecError
 from permerge.graph import Traced, trace_graph
 from permerge.graph.run import run_program
@@ -78,12 +79,11 @@ class ActivationMatchingResult:
 
 
 def batch_inputs(batch: Any) -> tuple[Any, ...]:
-    """Default: a tensor is the input; from an ``(inputs, labels)`` pair take the inputs."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)) and batch:
-        return (batch[0],)
-    raise PermergeError(f"cannot find the model input in a batch of type {type(batch).__name__}; pass input_fn")
+    """Default ``input_fn``: the batch's positional model inputs (see :mod:`permerge.batches`)."""
+    args, kwargs = as_call(inputs_of(batch))
+    if kwargs or not args:
+        raise PermergeError(f"cannot find positional model inputs in a batch of type {type(batch).__name__}; pass input_fn")
+    return args
 
 
 def activation_matching(

@@ -1,0 +1,49 @@
+"""Batches and calls: the one reading of what a data batch holds and how a model is called on it.
+
+A *batch* is the model's input alone, or a ``(inputs, targets, ...)`` tuple/list; the *inputs* are a
+tensor (one positional argument), a tuple (several), or a mapping (keyword arguments, as Hugging
+Face batches are). Every consumer of data — evaluation, BatchNorm reset, REPAIR, activation
+matching, PLeaS — reads batches through these functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+__all__ = ["as_call", "call_kwargs", "inputs_of", "targets_of"]
+
+
+def inputs_of(batch: Any) -> Any:
+    """The model inputs of a batch: its first element if it is a tuple or list, else the batch."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def targets_of(batch: Any) -> Any:
+    """The targets of an ``(inputs, targets, ...)`` batch, or None."""
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+
+
+def as_call(inputs: Any, kwargs: Mapping[str, Any] | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Inputs as ``(args, kwargs)`` for ``model(*args, **kwargs)``, with ``kwargs`` added to every call
+    (keys from a mapping of inputs win)."""
+    extra = dict(kwargs or {})
+    if isinstance(inputs, Mapping):
+        return (), {**extra, **inputs}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), extra
+    return (inputs,), extra
+
+
+def call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments every call of ``model`` should carry: ``use_cache=False`` for Hugging Face
+    models with a cache (scoring or tracing whole sequences never reuses it, it costs memory, and
+    ``torch.export`` cannot trace the cache object it returns)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return {}
+    params = inspect.signature(model.forward).parameters
+    takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}

@@ -63,7 +63,7 @@ def digest(path: Path) -> dict[str, str]:
 def spec_of(kind: str, b_dir: str):
     """The checkpoint-key spec of ``kind`` (traced once per session)."""
     from permerge.graph import trace
-    from permerge.io.hf import checkpoint_spec, hf_architecture
+    from permerge.hf import checkpoint_spec, hf_architecture
     from permerge.io.read import open_checkpoint
 
     arch = hf_architecture(b_dir)

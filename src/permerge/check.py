@@ -149,12 +149,10 @@ def check_compatible(
                 f"{names[0]} and {name} have different keys: only in {names[0]} {only_a[:10]}, "
                 f"only in {name} {only_b[:10]}; they must share one architecture"
             )
-        shapes = sorted(k for k in ref if tuple(ref[k][0]) != tuple(meta[k][0]))
+        shapes = sorted(f"{k}: {tuple(ref[k][0])} vs {tuple(meta[k][0])}" for k in ref if tuple(ref[k][0]) != tuple(meta[k][0]))
         if shapes:
-            k = shapes[0]
             raise StateDictMismatchError(
-                f"{names[0]} and {name} differ in shape at {len(shapes)} tensors, e.g. {k!r}: "
-                f"{tuple(ref[k][0])} vs {tuple(meta[k][0])}"
+                f"{names[0]} and {name} have different shapes: {shapes[:10]}; they must share one architecture and size"
             )
     if architecture is not None:
         expected, may_miss = _meta(architecture), set(optional) | set(tied_aliases(architecture))
@@ -189,7 +187,8 @@ def check_compatible(
             sd = m.state_dict() if isinstance(m, nn.Module) else m
             bad = sorted(k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all())
             if bad:
-                raise StateDictMismatchError(f"{name} has NaN or infinite values in {bad[:10]}; fix or drop that checkpoint")
+                where = ", ".join(f"{name}[{k!r}]" for k in bad[:10])
+                raise StateDictMismatchError(f"non-finite (NaN or inf) weights in {where}; fix or drop that checkpoint")
 
 
 # -- outputs --------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from permerge.hf import (
     checkpoint_spec,
     hf_architecture,
     is_hf_dir,
+    on_cpu,
     runtime_buffers,
     sample_inputs,
 )
@@ -147,8 +148,8 @@ def align_hf(
                 spec = checkpoint_spec(traced.spec, arch.model, src_b.keys())
             else:
                 spec.validate({k: src_b.shape(k) for k in src_b.keys()})  # noqa: SIM118
-            check = StreamedCheck(traced.program, spec, src_b, key_map, runtime_buffers(arch.model),
-                                  sample_inputs(arch, seed), tol=tol)  # fmt: skip
+            program = on_cpu(traced.program, runtime_buffers(arch.model))
+            check = StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol)
 
         def match() -> Any:
             if stream:

@@ -28,7 +28,7 @@ randomness (stochastic depth) is kept and matched by seeding both runs alike.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,8 @@ from torch.utils import _pytree as pytree
 
 from permerge.apply import apply_permutation, permute_tensor
 from permerge.errors import ConfigMismatchError, FunctionNotPreservedError, StateDictMismatchError
-from permerge.graph.capture import as_args
+from permerge.graph.capture import Program, as_args
+from permerge.graph.run import run_program
 from permerge.io.read import TensorSource
 from permerge.permutation import random_permutation
 from permerge.spec import PermutationSpec
@@ -461,14 +462,12 @@ class _SourceWeights(Mapping[str, torch.Tensor]):
     """``module key → B's tensor`` (float32, permuted by ``perm`` when given), read on access."""
 
     def __init__(
-        self, source: TensorSource, key_map: Mapping[str, str], buffers: Mapping[str, torch.Tensor],
-        spec: PermutationSpec, perm: Mapping[str, torch.Tensor] | None,
+        self, source: TensorSource, key_map: Mapping[str, str], spec: PermutationSpec,
+        perm: Mapping[str, torch.Tensor] | None,
     ) -> None:  # fmt: skip
-        self.source, self.key_map, self.buffers, self.spec, self.perm = source, key_map, buffers, spec, perm
+        self.source, self.key_map, self.spec, self.perm = source, key_map, spec, perm
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        if key in self.buffers:
-            return self.buffers[key]
         ck = self.key_map[key]
         t = self.source.get(ck)
         if t.is_floating_point():
@@ -479,54 +478,50 @@ class _SourceWeights(Mapping[str, torch.Tensor]):
             t = permute_tensor(t, self.spec.axes_of(ck), self.perm)
         return t
 
-    def __iter__(self) -> Any:
-        return iter([*self.key_map, *self.buffers])
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.key_map)
 
     def __len__(self) -> int:
-        return len(self.key_map) + len(self.buffers)
+        return len(self.key_map)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.key_map or key in self.buffers
+        return key in self.key_map
 
 
 class StreamedCheck:
     """Function check of B permuted, for checkpoints never held in memory whole.
 
-    Runs ``program`` (traced on the meta device) on ``inputs`` twice, with ``source``'s tensors
-    and with them permuted tensor by tensor; each tensor is read (and checked finite) at its first
-    use and dropped after its last, so peak memory is a few tensors and the activations of a tiny
-    input. :meth:`reference` (the plain run) can go before matching, so a checkpoint the program
+    Runs ``program`` (:func:`permerge.graph.run.run_program`; for a program traced on the meta
+    device see :func:`permerge.hf.on_cpu`) on ``inputs`` twice, with ``source``'s tensors (``key_map``:
+    module key → checkpoint key) and with them permuted tensor by tensor; each tensor is read (and
+    checked finite) at its use and dropped after, so peak memory is a few tensors and the activations
+    of a tiny input. :meth:`reference` (the plain run) can go before matching, so a checkpoint the program
     cannot run fails before the expensive work. Eval mode, one batch size: the program is exported
     with static shapes in eval mode (see docs/design.md).
 
     Example:
-        >>> check = StreamedCheck(traced.program, spec, src_b, key_map, buffers, inputs)  # doctest: +SKIP
+        >>> check = StreamedCheck(on_cpu(traced.program, buffers), spec, src_b, key_map, inputs)  # doctest: +SKIP
         >>> check.reference(); check.verify(perm).relative_error  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        program: torch.export.ExportedProgram,
+        program: Program,
         spec: PermutationSpec,
         source: TensorSource,
         key_map: Mapping[str, str],
-        buffers: Mapping[str, torch.Tensor],
         inputs: tuple[tuple[Any, ...], Mapping[str, Any]],
         *,
         tol: float = 1e-4,
-        run: Callable[..., list[Any]] | None = None,
     ) -> None:
-        from permerge._program import run_program
-
-        self.program, self.spec, self.source, self.key_map, self.buffers = program, spec, source, key_map, buffers
+        self.program, self.spec, self.source, self.key_map = program, spec, source, key_map
         self.args, self.kwargs = inputs
         self.tol = tol
-        self._run = run or run_program
         self._ref: list[torch.Tensor] | None = None
 
     def _outputs(self, perm: Mapping[str, torch.Tensor] | None) -> list[torch.Tensor]:
-        weights = _SourceWeights(self.source, self.key_map, self.buffers, self.spec, perm)
-        return [t for t in self._run(self.program, weights, self.args, self.kwargs) if isinstance(t, torch.Tensor)]
+        weights = _SourceWeights(self.source, self.key_map, self.spec, perm)
+        return [t for t in run_program(self.program, weights, self.args, self.kwargs) if isinstance(t, torch.Tensor)]
 
     def reference(self) -> None:
         """Run the program with B's own tensors (once)."""

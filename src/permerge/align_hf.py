@@ -138,12 +138,12 @@ def align_hf(
             sink = stack.enter_context(OutputDir(out, force=force, inputs=inputs, expected_bytes=_output_bytes(src_b, dtype)))
             names = [f"A ({a_dir})", f"B ({b_dir})"]
             check_compatible([src_a, src_b], names, configs=[architecture_fields(a_dir), architecture_fields(b_dir)])
-        with stages("trace"):
-            arch = hf_architecture(a_dir)
-            traced = trace_graph(arch.model, arch.inputs, example_kwargs=arch.kwargs)
+            arch = hf_architecture(a_dir)  # on the meta device: no weights
             key_map = checkpoint_keys(arch.model, src_b.keys(), name=names[1])
-            shapes = arch.model.state_dict()
-            check_compatible([src_b], names[1:], architecture={ck: shapes[mk] for mk, ck in key_map.items()})
+            expected = arch.model.state_dict()
+            check_compatible([src_b], names[1:], architecture={ck: expected[mk] for mk, ck in key_map.items()})
+        with stages("trace"):
+            traced = trace_graph(arch.model, arch.inputs, example_kwargs=arch.kwargs)
             if spec is None:
                 spec = checkpoint_spec(traced.spec, arch.model, src_b.keys())
             else:

@@ -121,7 +121,8 @@ class OutputDir:
         try:
             self._make_parents(self.out.parent)
             self._lock()
-            self._clean_stale()
+            if self._clean_stale():  # a dead run's output is back: check it as found
+                prepare_output_dir(self.out, force=self.force, inputs=self.inputs.values(), create=False)
             self._partial = self.out.with_name(f".{self.out.name}.{secrets.token_hex(4)}.partial")
             self._partial.mkdir()
             self._check_space()
@@ -161,10 +162,12 @@ class OutputDir:
                 return
             os.close(fd)
 
-    def _clean_stale(self) -> None:
-        """Under the lock no other live run writes here: every partial or old copy is a dead run's."""
+    def _clean_stale(self) -> bool:
+        """Under the lock no other live run writes here: every partial or old copy is a dead run's.
+        Returns whether the output was restored from a run that died while replacing it."""
         olds = sorted(self.out.parent.glob(f".{self.out.name}.*.old"))
-        if olds and not self.out.exists():
+        restored = bool(olds) and not self.out.exists()
+        if restored:
             LOG.warning("restoring %s from %s: a run died while replacing it", self.out, olds[-1].name)
             os.rename(olds.pop(), self.out)
         stale = sorted(self.out.parent.glob(f".{self.out.name}.*.partial")) + olds
@@ -172,6 +175,7 @@ class OutputDir:
             shutil.rmtree(p, ignore_errors=True)
         if stale:
             LOG.warning("removed %d unfinished output(s) of interrupted runs: %s", len(stale), ", ".join(p.name for p in stale))
+        return restored
 
     def _check_space(self) -> None:
         assert self._partial is not None

@@ -226,6 +226,7 @@ class OutputDir:
             os.rename(self._partial, self.out)
             return
         old = self.out.with_name(f".{self.out.name}.{secrets.token_hex(4)}.old")
+        LOG.info("replacing %s (force): its %d previous entries are removed", self.out, len(list(self.out.iterdir())))
         os.rename(self.out, old)
         try:
             os.rename(self._partial, self.out)

@@ -185,8 +185,6 @@ def prepare_output_dir(out: StrPath, *, force: bool, inputs: Iterable[StrPath], 
                 f"output directory {out} is not empty ({len(existing)} entries, e.g. {', '.join(existing[:3])}); "
                 "choose a new directory, or pass force=True (--force) to replace it and everything in it"
             )
-        if existing:
-            LOG.warning("replacing non-empty %s (force): its %d entries will be removed", out, len(existing))
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out

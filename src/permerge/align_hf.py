@@ -44,7 +44,7 @@ from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["HFAlignResult", "align_hf", "check_hf_dirs"]
+__all__ = ["HFAlignResult", "align_hf", "check_hf_dirs", "prepare_check"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,26 @@ def check_hf_dirs(*dirs: StrPath) -> None:
             raise PermergeIOError(f"{d} is not a directory; Hugging Face checkpoints are directories with config.json")
         if not is_hf_dir(d):
             raise PermergeIOError(f"{d} has no config.json: pass --model to name the architecture, or point at a Hugging Face model directory")
+
+
+def prepare_check(
+    a_dir: StrPath, src_b: TensorSource, spec: PermutationSpec | None = None, *, name: str = "B", seed: int = 0,
+    tol: float = 1e-4,
+) -> tuple[PermutationSpec, StreamedCheck]:
+    """A's architecture (from ``config.json``, on the meta device) fitted to B's checkpoint, traced; the
+    spec in B's checkpoint keys (``spec`` if given, checked against B's shapes) and B's streamed
+    function check. Raises, before tracing, if B's keys, shapes or dtype kinds do not fit the model."""
+    arch = hf_architecture(a_dir)
+    key_map = checkpoint_keys(arch.model, src_b.keys(), name=name)
+    expected = arch.model.state_dict()
+    check_compatible([src_b], [name], architecture={ck: expected[mk] for mk, ck in key_map.items()})
+    traced = trace_graph(arch.model, arch.inputs, example_kwargs=arch.kwargs)
+    if spec is None:
+        spec = checkpoint_spec(traced.spec, arch.model, src_b.keys())
+    else:
+        spec.validate({k: src_b.shape(k) for k in src_b.keys()})  # noqa: SIM118
+    program = on_cpu(traced.program, runtime_buffers(arch.model))
+    return spec, StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol)
 
 
 def _output_bytes(source: TensorSource, out_dtype: torch.dtype | None) -> int:
@@ -138,18 +158,8 @@ def align_hf(
             sink = stack.enter_context(OutputDir(out, force=force, inputs=inputs, expected_bytes=_output_bytes(src_b, dtype)))
             names = [f"A ({a_dir})", f"B ({b_dir})"]
             check_compatible([src_a, src_b], names, configs=[architecture_fields(a_dir), architecture_fields(b_dir)])
-            arch = hf_architecture(a_dir)  # on the meta device: no weights
-            key_map = checkpoint_keys(arch.model, src_b.keys(), name=names[1])
-            expected = arch.model.state_dict()
-            check_compatible([src_b], names[1:], architecture={ck: expected[mk] for mk, ck in key_map.items()})
         with stages("trace"):
-            traced = trace_graph(arch.model, arch.inputs, example_kwargs=arch.kwargs)
-            if spec is None:
-                spec = checkpoint_spec(traced.spec, arch.model, src_b.keys())
-            else:
-                spec.validate({k: src_b.shape(k) for k in src_b.keys()})  # noqa: SIM118
-            program = on_cpu(traced.program, runtime_buffers(arch.model))
-            check = StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol)
+            spec, check = prepare_check(a_dir, src_b, spec, name=names[1], seed=seed, tol=tol)
 
         def match() -> Any:
             if stream:

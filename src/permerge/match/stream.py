@@ -27,7 +27,7 @@ from types import MappingProxyType
 import torch
 
 from permerge.apply import permute_tensor
-from permerge.check import check_compatible
+from permerge.check import all_finite, check_compatible
 from permerge.errors import StateDictMismatchError
 from permerge.io.read import TensorSource
 from permerge.match import lap
@@ -135,7 +135,7 @@ class _Lazy(Mapping[str, torch.Tensor]):
             return self._last[1]
         self._last = None  # drop the previous tensor before reading the next
         t = self.source.get(key).to(self.dev)
-        if self.check and t.is_floating_point() and not torch.isfinite(t).all():
+        if self.check and not all_finite(t):
             raise StateDictMismatchError(
                 f"non-finite (NaN or inf) weights in {self.source.name}[{key!r}]; fix or drop that checkpoint before matching"
             )

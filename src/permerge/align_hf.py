@@ -83,7 +83,7 @@ def prepare_check(
     else:
         spec.validate({k: src_b.shape(k) for k in src_b.keys()})  # noqa: SIM118
     program = on_cpu(traced.program, runtime_buffers(arch.model))
-    return spec, StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol)
+    return spec, StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol, name=name)
 
 
 def _output_bytes(source: TensorSource, out_dtype: torch.dtype | None) -> int:

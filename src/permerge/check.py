@@ -522,8 +522,10 @@ class StreamedCheck:
         inputs: tuple[tuple[Any, ...], Mapping[str, Any]],
         *,
         tol: float = 1e-4,
+        name: str | None = None,
     ) -> None:
         self.program, self.spec, self.source, self.key_map = program, spec, source, key_map
+        self.name = name or source.name
         self.args, self.kwargs = inputs
         self.tol = tol
         self._ref: list[torch.Tensor] | None = None
@@ -547,7 +549,7 @@ class StreamedCheck:
         report = PreservationReport(err, rel, self.tol, (f"eval, batch {b} (streamed)",))
         if not rel <= self.tol:
             raise FunctionNotPreservedError(
-                f"the permutation changed {self.source.name}'s outputs (relative error {rel:.2e} > tol "
+                f"the permutation changed the outputs of {self.name} (relative error {rel:.2e} > tol "
                 f"{self.tol:.0e}, streamed check): the spec does not fit this checkpoint; nothing was written"
             )
         return report

@@ -64,8 +64,8 @@ def resolve_device(device: torch.device | str | None) -> torch.device | None:
         return None
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise PermergeError(f"device {device!r} is not a device name ({e}); write e.g. cpu, cuda or cuda:1") from None
+    except (RuntimeError, TypeError):
+        raise PermergeError(f"device {device!r} is not a device name; write e.g. cpu, cuda or cuda:1") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise PermergeError(f"device {device!r}: CUDA is not available on this machine; drop --device or use cpu")

@@ -160,7 +160,7 @@ def test_os_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, code, t
 
 def test_free_space_is_checked_at_claim(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: Usage(10**12, 10**12 - 10**6, 10**6))
-    with pytest.raises(PermergeIOError, match=r"not enough free space .* 2.04 GB needed, 0.00 GB free"):
+    with pytest.raises(PermergeIOError, match=r"not enough free space .* 2.04 GB needed, 1.00 MB free"):
         OutputDir(tmp_path / "out", force=False, inputs={}, expected_bytes=2e9).__enter__()
     assert list(tmp_path.iterdir()) == []
     with OutputDir(tmp_path / "out", force=False, inputs={}, expected_bytes=1e5) as od:

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_hf(args)
     given = [f"--{k.replace('_', '-')}" for k in _HF_ONLY if getattr(args, k) is not None]
     if given:
-        raise PermergeError(f"{', '.join(given)} apply to Hugging Face directories (without --model) only")
+        raise PermergeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to Hugging Face directories (without --model) only")
     inputs = {"a": args.a, "b": args.b}
     check_method(args.method, has_data=args.data is not None)
     options = _matcher_options(args)

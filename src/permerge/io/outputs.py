@@ -76,6 +76,10 @@ _FOREIGN_WEIGHTS = {
 _SPACE_MARGIN = 1.02  # headers, index, provenance
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n:.0f} bytes"
+
+
 def os_error(e: OSError, what: str) -> PermergeIOError:
     """One line for an OS error: what failed, why (the system's words), and what to do."""
     fix = {
@@ -183,7 +187,7 @@ class OutputDir:
         need = self.expected_bytes * _SPACE_MARGIN
         if need > free:
             raise PermergeIOError(
-                f"not enough free space for {self.out}: about {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free "
+                f"not enough free space for {self.out}: about {_size(need)} needed, {_size(free)} free "
                 f"on {self.out.parent}; free some space or choose another output location"
             )
 

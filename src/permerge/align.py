@@ -16,7 +16,7 @@ from torch import nn
 
 from permerge.apply import apply_permutation
 from permerge.check import check_compatible
-from permerge.errors import PermergeError, StateDictMismatchError
+from permerge.errors import PermergeError
 from permerge.graph import trace
 from permerge.match import MatchRequest, get_matcher
 from permerge.permutation import Permutation
@@ -53,10 +53,6 @@ def check_models(model_a: nn.Module, model_b: nn.Module, *, data: Iterable[Any] 
     check_method(method, has_data=data is not None)
     if not isinstance(model_a, nn.Module) or not isinstance(model_b, nn.Module):
         raise PermergeError(f"align takes two nn.Modules, got {type(model_a).__name__} and {type(model_b).__name__}")
-    if type(model_a) is not type(model_b):
-        raise StateDictMismatchError(
-            f"models have different classes: {type(model_a).__name__} vs {type(model_b).__name__}"
-        )
     check_compatible([model_a, model_b], ["model A", "model B"])
 
 

@@ -127,7 +127,8 @@ def check_compatible(
     """Raise, in one line naming the first problem and the fix, unless ``models`` can be aligned or merged.
 
     Checks, cheapest first: ``configs`` (architecture-defining fields, e.g.
-    :func:`permerge.hf.architecture_fields`) equal field by field; equal key sets; equal shapes;
+    :func:`permerge.hf.architecture_fields`) equal field by field; one class (modules); equal key
+    sets; equal shapes;
     each model's keys, shapes and dtype kinds fit ``architecture`` (a module or its state dict:
     keys in ``optional`` — tied aliases — may be missing; floating stays floating, integer
     integer); ``spec`` fits the shapes; floating tensors finite (in-memory ones only: lazy sources
@@ -150,6 +151,11 @@ def check_compatible(
                     + (f" (and {len(diff) - 1} more: {', '.join(diff[1:6])})" if len(diff) > 1 else "")
                     + "; equal tensor shapes do not make equal models: align checkpoints of one config"
                 )
+    for name, m in zip(names[1:], models[1:]):
+        if isinstance(models[0], nn.Module) and isinstance(m, nn.Module) and type(m) is not type(models[0]):
+            raise StateDictMismatchError(
+                f"{names[0]} and {name} have different classes: {type(models[0]).__name__} vs {type(m).__name__}"
+            )
     metas = [_meta(m) for m in models]
     ref = metas[0]
     for name, meta in zip(names[1:], metas[1:]):

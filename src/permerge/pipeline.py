@@ -189,7 +189,7 @@ def alignment_report(
         **extra,
         "groups": len(spec.groups),
         "group_sizes": {g.name: g.size for g in spec.groups},
-        "frozen": [{"size": f.size, "reason": f.reason, "boundary": f.boundary} for f in spec.frozen],
+        "frozen": [{"size": f.size, "reason": f.reason, "kind": f.kind.value, "boundary": f.boundary} for f in spec.frozen],
         "changed_groups": sum(not torch.equal(p, torch.arange(len(p))) for p in perm.values()),
         "function_preservation_error": None if preservation is None else preservation.relative_error,
         "function_check": "not run (check=False)" if preservation is None else {

@@ -17,7 +17,7 @@ from torch import nn
 
 from permerge.align import align
 from permerge.check import PreservationReport, check_compatible, check_function_preserved
-from permerge.errors import PermergeError, StateDictMismatchError
+from permerge.errors import PermergeError
 from permerge.graph import trace
 from permerge.match import activation_matching, weight_matching
 from permerge.merge import check_merge_weights, merge
@@ -208,9 +208,6 @@ def merge_models(
     start = time.perf_counter()
     check_merge_request(method, len(models), weights=weights, budget=budget, data=data)
     positive("tol", tol)
-    classes = sorted({type(m).__name__ for m in models})
-    if len(classes) > 1:
-        raise StateDictMismatchError(f"models have different classes: {', '.join(classes)}")
     check_compatible(models, [f"model {i}" for i in range(len(models))])
     req = MergeRequest(models, example_inputs, weights, spec, example_kwargs, seed, budget, data, keep_heads,
                        pleas_options or {}, quiet)  # fmt: skip

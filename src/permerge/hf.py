@@ -8,7 +8,9 @@
 * :func:`checkpoint_keys` maps the module's state-dict keys to the checkpoint's: ``transformers`` ≥ 5
   renames some keys between the module tree and the files (ViT's ``attention.attention.query`` is
   ``attention.q_proj`` in the module) and drops the tied ``lm_head.weight`` from checkpoints.
-  :func:`checkpoint_spec` rewrites a traced spec into the checkpoint's keys with it.
+  :func:`checkpoint_spec` rewrites a traced spec into the checkpoint's keys with it,
+  :func:`module_spec` back; :func:`saved_keys` names the keys ``save_pretrained`` would write
+  (for a spec saved from a directory that has only ``config.json``).
 * :func:`runtime_buffers`, :func:`on_cpu` and :func:`sample_inputs` make a program traced on the
   meta device runnable on real weights: non-persistent buffers (RoPE's ``inv_freq``) are not in
   checkpoints and are recomputed the way ``from_pretrained`` recomputes them, and device arguments

@@ -269,6 +269,7 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--modes", default="stream,memory,floor,check")
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the median is kept, all are listed)")
     p.add_argument("--report", action="store_true", help="only print the table from the stored measurements")
     p.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -286,12 +287,16 @@ def main() -> None:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--child", mode, size, "--workers", str(args.workers)]
             cmd += ["--device", args.device] if args.device else []
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if r.returncode:
-                sys.stderr.write(r.stderr[-3000:])
-                raise SystemExit(f"{mode} {size} failed")
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            row.update(disk_bytes=disk, fp32_bytes=2 * disk, generate_seconds=gen_s)
+            runs = []
+            for _ in range(args.repeats):
+                r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if r.returncode:
+                    sys.stderr.write(r.stderr[-3000:])
+                    raise SystemExit(f"{mode} {size} failed")
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            row = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]  # the median run
+            row.update(disk_bytes=disk, fp32_bytes=2 * disk, generate_seconds=gen_s, threads=torch.get_num_threads(),
+                       measured=time.strftime("%Y-%m-%d %H:%M"), runs=[x["seconds"] for x in runs])  # fmt: skip
             rows.append(row)
             sys.stderr.write(json.dumps(row) + "\n")
     # keep earlier measurements of other configurations (one row per size, mode, device, workers)
@@ -333,7 +338,9 @@ All use `max_sweeps=1`. `check` = the streamed function check `align_hf` runs on
 read at its use): its seconds are the two runs (the trace it starts from also yields the spec, so a
 run pays it anyway; listed in the notes), its peak RSS is that process's, trace included. `cpu ×2` = `--workers 2` (LAPs of independent groups in two threads; no faster on
 these 2 cores, where torch's matmuls use both). Runs vary on this shared box: the 1B stream took 367 s
-with another job running and 304 s alone, and its peak RSS was 1.20 / 1.78 / 1.36 GiB in three runs.
+with another job running and 304 s alone, and its peak RSS was 1.20 / 1.78 / 1.36 GiB in three runs;
+rows with a "measured" note are from the latest run (with its thread count), the others from earlier
+sessions, so compare the check with the stream row of the same run (the findings below do).
 
 {table}
 
@@ -389,6 +396,10 @@ def _table(rows: list[dict]) -> str:
                 f"start LAPs {r['start_lap_seconds']:.1f} s + sweep matmuls {r['matmul_seconds']:.1f} s "
                 f"+ sweep LAPs {r['lap_seconds']:.1f} s"
             )
+        if len(r.get("runs", ())) > 1:
+            note.append(f"median of {len(r['runs'])} runs: {', '.join(f'{x:.1f}' for x in sorted(r['runs']))} s")
+        if "measured" in r:
+            note.append(f"measured {r['measured']}, {r['threads']} threads")
         if r["mode"] == "check":
             note.append(
                 f"B {r['reference_seconds']:.1f} s + B permuted {r['verify_seconds']:.1f} s "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,7 @@ def align_hf(
     tol: float = 1e-4,
     command: list[str] | str = "",
     config: dict[str, Any] | None = None,
+    view: Callable[[Path], object] | None = None,
 ) -> HFAlignResult:
     """Align B's hidden units to A's by weight matching and write B, permuted, as an HF directory.
 
@@ -131,6 +133,8 @@ def align_hf(
         out_dtype: cast floating tensors to this dtype (``"bfloat16"``…); default: keep B's dtypes.
         max_shard_size: largest output shard, e.g. ``"5GB"``.
         tol: the function check's tolerance (relative to the largest output magnitude).
+        command, config: recorded in ``provenance.json``.
+        view: renders a file from the complete output (the CLI passes the HTML report writer).
 
     Returns:
         An :class:`HFAlignResult`; ``out`` loads with ``AutoModel*.from_pretrained`` and computes B's
@@ -173,7 +177,7 @@ def align_hf(
             files, left_out = hf_files(src_b, b_dir, spec, perm, out_dtype=dtype, max_shard_size=max_shard_size)
             report["left_out"] = left_out
             path = sink.commit(files, command=[command] if isinstance(command, str) else list(command),
-                               config=config or {}, report=report)  # fmt: skip
+                               config=config or {}, report=report, view=view)  # fmt: skip
     LOG.info("aligned %d groups (%s) in %.1f s; wrote %s", len(spec.groups), "streamed" if stream else "in memory",
              sum(stages.seconds.values()), path)  # fmt: skip
     return HFAlignResult(path, perm, spec, report)

@@ -53,6 +53,7 @@ __all__ = [
     "all_finite",
     "check_compatible",
     "check_function_preserved",
+    "model_outputs",
     "output_error",
     "random_moving_permutation",
     "tied_aliases",
@@ -313,7 +314,8 @@ def _forward(model: nn.Module, state: Mapping[str, torch.Tensor], run: _Run, see
     """``model`` with ``state`` on ``run``'s inputs; buffers are copied so in-place updates (BatchNorm
     in train mode) never reach the model, and its training flags and the RNG are restored."""
     buffers = {k for k, _ in model.named_buffers(remove_duplicate=False)}
-    state = {k: v.clone() if k in buffers and _f32(v) is v else _f32(v) for k, v in state.items()}
+    aliases = tied_aliases(model)  # functional_call ties them again from their canonical key
+    state = {k: v.clone() if k in buffers and _f32(v) is v else _f32(v) for k, v in state.items() if k not in aliases}
     args, kwargs = pytree.tree_map(_f32, (run.args, dict(run.kwargs)))
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted({v.device.index or 0 for v in state.values() if v.device.type == "cuda"})
@@ -330,6 +332,14 @@ def _forward(model: nn.Module, state: Mapping[str, torch.Tensor], run: _Run, see
     finally:
         for m, t in flags:
             m.training = t
+
+
+def model_outputs(model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None, *,
+                  train: bool = False, seed: int = 0) -> list[torch.Tensor]:  # fmt: skip
+    """``model``'s output leaves on the inputs, as the check computes them: eval mode (or train mode
+    with dropout off), seeded, no gradients, the model, its flags and the RNG left as they were."""
+    run = _Run("eval", as_args(example_inputs), dict(example_kwargs or {}), train)
+    return _forward(model, model.state_dict(), run, seed)
 
 
 def _tf32_off() -> tuple[bool, bool]:
@@ -349,7 +359,7 @@ def _check_state(
     seed: int,
 ) -> PreservationReport:
     aliases = tied_aliases(model)
-    state = {k: v for k, v in state.items() if k not in aliases}  # functional_call ties them again
+    state = {k: v for k, v in state.items() if k not in aliases}  # permuted through their canonical key
     spec = spec.restricted_to(state)
     prev = _tf32_off()
     try:

@@ -70,7 +70,7 @@ def test_align_refuses_existing_output_unless_forced(ckpts, tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert main(["align", *MODEL, str(a), str(b), "-o", str(out), "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "spec.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "report.html", "spec.json"]
 
 
 def test_align_refuses_to_write_into_an_input(ckpts, tmp_path, capsys):

@@ -86,7 +86,7 @@ def test_interrupted_run_then_clean_rerun(setup, sig, code):
     rerun = _start(setup, out, delay=0)
     _, err = rerun.communicate(timeout=120)
     assert rerun.returncode == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "spec.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "report.html", "spec.json"]
     assert _partials(setup) == []
     if sig == signal.SIGKILL:
         assert "removed 1 unfinished output(s) of interrupted runs" in err
@@ -103,5 +103,5 @@ def test_two_concurrent_force_runs_one_fails_cleanly(setup):
     _, err1 = first.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 2 and "another permerge run is writing" in err2 and len(err2.strip().splitlines()) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "spec.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "report.html", "spec.json"]
     assert [p.name for p in setup.iterdir() if p.name.startswith(".")] == []

@@ -32,6 +32,7 @@ from permerge.io.outputs import OutputDir, result_files
 from permerge.io.read import file_bytes
 from permerge.io.write import parse_size
 from permerge.pipeline import positive, resolve_device, resolve_dtype
+from permerge.report import write_report
 from permerge.spec import PermutationSpec
 
 HELP = "align checkpoint B to checkpoint A (Git Re-Basin)"
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                     **options)  # fmt: skip
         files = result_files({"model": b.checkpoint_state(res.model.state_dict())}, {"permutation": res.permutation},
                              checkpoint_spec(res.spec, b.model, b.keys.values()))  # fmt: skip
-        out.commit(files, command=sys.argv, config=_config(args), report=res.report)
+        out.commit(files, command=sys.argv, config=_config(args), report=res.report, view=write_report)
     sys.stdout.write(
         f"aligned {res.report['changed_groups']}/{res.report['groups']} groups ({args.method}); function check: "
         f"relative error {res.report['function_preservation_error']:.1e}; wrote {args.out}\n"
@@ -138,7 +139,7 @@ def _run_hf(args: argparse.Namespace) -> int:
         args.a, args.b, args.out, stream=stream, spec=_spec(args.spec), seed=args.seed,
         max_sweeps=args.max_sweeps or 100, device=args.device, workers=args.workers, out_dtype=args.out_dtype,
         max_shard_size=args.max_shard_size or "5GB", force=args.force, quiet=args.quiet, command=sys.argv,
-        config=_config(args),
+        config=_config(args), view=write_report,
     )  # fmt: skip
     sys.stdout.write(
         f"aligned {res.report['changed_groups']}/{res.report['groups']} groups (weight, "

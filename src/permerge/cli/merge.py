@@ -24,6 +24,7 @@ from permerge.io.outputs import OutputDir, result_files
 from permerge.io.read import file_bytes
 from permerge.io.write import text_writer
 from permerge.merge.combine import METHODS, check_merge_request, merge_models
+from permerge.report import write_report
 
 HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS)"
 EPILOG = """examples:
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                              checkpoint_spec(res.spec, keys.model, keys.keys.values()))  # fmt: skip
         if res.architecture is not None:  # wider than the inputs: record the widths to rebuild it
             files["architecture.json"] = text_writer(json.dumps(res.architecture, indent=1) + "\n")
-        out.commit(files, command=sys.argv, config={k: v for k, v in vars(args).items() if k != "run"}, report=res.report)
+        out.commit(files, command=sys.argv, config={k: v for k, v in vars(args).items() if k != "run"}, report=res.report,
+                   view=write_report)  # fmt: skip
     what = args.method
     if res.architecture is not None:
         what += f", budget {args.budget}, {res.report['parameters']} parameters"

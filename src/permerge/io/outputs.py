@@ -199,9 +199,13 @@ class OutputDir:
         command: list[str] | str,
         config: Mapping[str, Any],
         report: Mapping[str, Any],
+        view: Callable[[Path], object] | None = None,
     ) -> Path:
         """Write ``files[name](path)`` for each name, then ``provenance.json``, then put the
-        directory in place of ``out``. Returns ``out``."""
+        directory in place of ``out``. Returns ``out``.
+
+        ``view(out)`` then adds a file rendered from the complete directory (the HTML report), still
+        under the lock; the result is complete without it, so its failure is a warning."""
         if self._partial is None:
             raise PermergeIOError("OutputDir.commit outside its with-block")
         try:
@@ -217,6 +221,11 @@ class OutputDir:
                 raise
             raise os_error(e, f"cannot write {self.out}; nothing was written") from e
         self.committed = True
+        if view is not None:
+            try:
+                view(self.out)
+            except Exception as e:  # the result is in place and valid; only its rendering failed
+                LOG.warning("the result in %s is complete, but its report could not be written: %s", self.out, e)
         return self.out
 
     def _swap(self) -> None:

@@ -50,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if args.save_spec and not Path(args.save_spec).resolve().parent.is_dir():
         raise PermergeIOError(f"cannot write --save-spec {args.save_spec}: its directory does not exist")
     ref = load_model(args.model, args, meta=True)
-    traced = trace(ref.model, ref.inputs, example_kwargs=ref.kwargs, strict=args.strict)
+    module_spec = trace(ref.model, ref.inputs, example_kwargs=ref.kwargs, strict=args.strict)
     shapes = {k: tuple(v.shape) for k, v in ref.model.state_dict().items()}
-    fraction = traced.permutable_fraction(shapes)
+    fraction = module_spec.permutable_fraction(shapes)
     # in the checkpoint's keys, so `align --spec` takes it (HF files rename keys and drop tied aliases)
-    spec = checkpoint_spec(traced, ref.model, _checkpoint_keys(ref, args.model))
+    spec = checkpoint_spec(module_spec, ref.model, _checkpoint_keys(ref, args.model))
     if args.save_spec:
         with atomic_path(args.save_spec) as tmp:
             tmp.write_text(spec.to_json())

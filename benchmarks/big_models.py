@@ -6,7 +6,10 @@ A is random-init (N(0, 0.02) weights, unit norms) and B is A with a planted rand
 plus N(0, 0.01) noise ("two fine-tunes of one base, one of them permuted"). Then, each in a fresh
 subprocess so peak RSS (VmHWM) is per configuration:
 
-* ``stream``: :func:`permerge.match.stream.stream_weight_matching` over ``open_unmapped`` sources;
+* ``stream``: :func:`permerge.match.stream.stream_weight_matching` over ``open_checkpoint(mmap=False)`` sources;
+* ``check``: the streamed function check every ``align_hf`` run makes
+  (:func:`permerge.align_hf.prepare_check`: A's architecture on the meta device, traced; then the
+  program run with B's tensors and with them permuted, each read lazily), timed in its parts;
 * ``memory``: both checkpoints loaded (bf16) and :func:`permerge.match.weight_matching`;
 * ``floor``: only the cost matmuls (float32, inputs already in RAM and in unit-row layout) and the
   LAP solves of one sweep, group by group.
@@ -57,7 +60,7 @@ def _spec(size: str, keys=None):
     import transformers
 
     from permerge.graph import trace
-    from permerge.io.hf import checkpoint_spec
+    from permerge.hf import checkpoint_spec
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM._from_config(_config(size))
@@ -70,7 +73,7 @@ def _spec(size: str, keys=None):
 def generate(size: str) -> Path:
     """Write A and B for ``size`` (skipped when present); returns the size's cache directory."""
     from permerge.apply import permute_tensor
-    from permerge.io.stream import ShardPlan, WriteJob, write_shard
+    from permerge.io.write import ShardPlan, WriteJob, write_shard
     from permerge.permutation import random_permutation
 
     d = CACHE / size
@@ -116,8 +119,7 @@ def _status() -> dict[str, int]:
 
 def child(mode: str, size: str, device: str | None, workers: int) -> dict:
     """One configuration, in this (fresh) process; returns seconds, peak RSS and details."""
-    from permerge.io.read import load_state_dict
-    from permerge.io.stream import open_unmapped
+    from permerge.io.read import load_state_dict, open_checkpoint
     from permerge.match import lap, weight_matching
     from permerge.match.stream import stream_weight_matching
     from permerge.match.weight import _f32, _signature, _unit_rows
@@ -128,8 +130,24 @@ def child(mode: str, size: str, device: str | None, workers: int) -> dict:
     base = _status()["VmRSS"]
     out: dict = {"mode": mode, "size": size, "device": device or "cpu", "workers": workers, "base_rss": base}
     t0 = time.perf_counter()
-    if mode == "stream":
-        with open_unmapped(d / "a") as sa, open_unmapped(d / "b") as sb:
+    if mode == "check":  # what align_hf adds to a run: the streamed function check (its trace gives the spec too)
+        from permerge.align_hf import prepare_check
+        from permerge.permutation import inverse, random_permutation
+
+        with open_checkpoint(d / "b", mmap=False) as sb:
+            spec_b, check = prepare_check(d / "a", sb)
+            out["trace_seconds"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            check.reference()
+            out["reference_seconds"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            report = check.verify(inverse(random_permutation(spec_b, seed=1)))  # the planted permutation, undone
+            out["verify_seconds"] = time.perf_counter() - t1
+        out["seconds"] = out["reference_seconds"] + out["verify_seconds"]
+        out["relative_error"] = report.relative_error
+        res = None
+    elif mode == "stream":
+        with open_checkpoint(d / "a", mmap=False) as sa, open_checkpoint(d / "b", mmap=False) as sb:
             res = stream_weight_matching(spec, sa, sb, max_sweeps=1, quiet=True, device=device, workers=workers)
         out["seconds"] = time.perf_counter() - t0
     elif mode == "memory":
@@ -142,7 +160,7 @@ def child(mode: str, size: str, device: str | None, workers: int) -> dict:
         dev = torch.device(device or "cpu")
         mm = lp = sig = 0.0
         laps: list[list[float]] = []  # per group: n, start LAP s, sweep LAP s
-        with open_unmapped(d / "a") as sa, open_unmapped(d / "b") as sb:
+        with open_checkpoint(d / "a", mmap=False) as sa, open_checkpoint(d / "b", mmap=False) as sb:
             shapes = {k: tuple(sa.shape(k)) for k in sa.keys()}  # noqa: SIM118
             for g in spec.groups:
                 if g.size == 1:
@@ -250,7 +268,8 @@ def main() -> None:
     p.add_argument("--sizes", default="125M,350M,1B")
     p.add_argument("--device", default=None)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--modes", default="stream,memory,floor")
+    p.add_argument("--modes", default="stream,memory,floor,check")
+    p.add_argument("--repeats", type=int, default=1, help="runs per configuration (the median is kept, all are listed)")
     p.add_argument("--report", action="store_true", help="only print the table from the stored measurements")
     p.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -268,12 +287,16 @@ def main() -> None:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--child", mode, size, "--workers", str(args.workers)]
             cmd += ["--device", args.device] if args.device else []
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if r.returncode:
-                sys.stderr.write(r.stderr[-3000:])
-                raise SystemExit(f"{mode} {size} failed")
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            row.update(disk_bytes=disk, fp32_bytes=2 * disk, generate_seconds=gen_s)
+            runs = []
+            for _ in range(args.repeats):
+                r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if r.returncode:
+                    sys.stderr.write(r.stderr[-3000:])
+                    raise SystemExit(f"{mode} {size} failed")
+                runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            row = sorted(runs, key=lambda x: x["seconds"])[len(runs) // 2]  # the median run
+            row.update(disk_bytes=disk, fp32_bytes=2 * disk, generate_seconds=gen_s, threads=torch.get_num_threads(),
+                       measured=time.strftime("%Y-%m-%d %H:%M"), runs=[x["seconds"] for x in runs])  # fmt: skip
             rows.append(row)
             sys.stderr.write(json.dumps(row) + "\n")
     # keep earlier measurements of other configurations (one row per size, mode, device, workers)
@@ -294,25 +317,30 @@ def _markdown(table: str, note: str, rows: list[dict]) -> str:
     import platform
 
     devices = sorted({r["device"] for r in rows})
-    return f"""# Big models: streamed vs in-memory weight matching (one sweep)
+    return f"""# Big models: streamed vs in-memory weight matching (one sweep), and the streamed function check
 
 Written by `benchmarks/big_models.py` ({platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs,
 torch {torch.__version__}; devices measured: {", ".join(devices)}). No GPU was lent to this task, so
 there are no `--device cuda` rows; on a GPU box run the command below with `--device cuda`.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/big_models.py --sizes 125M,350M,1B   # + --device cuda, --workers N
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/big_models.py --sizes 125M,350M,1B   # + --device cuda, --workers N, --modes
     python benchmarks/big_models.py --report                                     # reprint from stored rows
 
 Models: LLaMA-shaped (GQA, 4 KV heads, vocab 32000, untied), written by the script in **bf16**
 tensor by tensor: A random-init, B = A with a planted permutation + N(0, 0.01) noise. Each
 configuration runs in a fresh subprocess; peak RSS is its VmHWM (it includes the interpreter with
 torch and permerge imported, ~0.22 GiB, and, for `memory`, the memory-mapped checkpoint pages).
-`stream` = `stream_weight_matching` over `open_unmapped` sources (pread, no mmap); `memory` = both
+`stream` = `stream_weight_matching` over `open_checkpoint(mmap=False)` sources (pread, no mmap); `memory` = both
 checkpoints loaded + `weight_matching`; `floor` = only the LAP solves the run makes (the signature
 start's and the sweep's) plus the sweep's cost matmuls, with inputs prepared outside the clock.
-All use `max_sweeps=1`. `cpu ×2` = `--workers 2` (LAPs of independent groups in two threads; no faster on
+All use `max_sweeps=1`. `check` = the streamed function check `align_hf` runs on every alignment
+(`prepare_check`, then B's program run once with B's tensors and once with them permuted, each tensor
+read at its use): its seconds are the two runs (the trace it starts from also yields the spec, so a
+run pays it anyway; listed in the notes), its peak RSS is that process's, trace included. `cpu ×2` = `--workers 2` (LAPs of independent groups in two threads; no faster on
 these 2 cores, where torch's matmuls use both). Runs vary on this shared box: the 1B stream took 367 s
-with another job running and 304 s alone, and its peak RSS was 1.20 / 1.78 / 1.36 GiB in three runs.
+with another job running and 304 s alone, and its peak RSS was 1.20 / 1.78 / 1.36 GiB in three runs;
+rows with a "measured" note are from the latest run (with its thread count), the others from earlier
+sessions, so compare the check with the stream row of the same run (the findings below do).
 
 {table}
 
@@ -322,8 +350,17 @@ with another job running and 304 s alone, and its peak RSS was 1.20 / 1.78 / 1.3
 
 
 def _findings(rows: list[dict]) -> str:
-    """Derived remarks: what dominates the floor, streamed RSS vs the target, sizes not measured."""
+    """Derived remarks: what dominates the floor, streamed RSS vs the target, the check's cost, sizes not measured."""
     out = []
+    sweeps = {(r["size"], r["device"]): r["seconds"] for r in rows if r["mode"] == "stream" and r["workers"] == 1}
+    for r in rows:
+        if r["mode"] == "check" and (r["size"], r["device"]) in sweeps:
+            sweep = sweeps[r["size"], r["device"]]
+            out.append(
+                f"- {r['size']} streamed function check: {r['seconds']:.1f} s = {r['seconds'] / sweep:.1%} of one streamed "
+                f"sweep ({sweep:.1f} s; target ≤ 10 %), peak RSS {r['peak_rss'] / r['fp32_bytes']:.2f}× the fp32 model "
+                f"(target ≤ 0.5×), relative error {r['relative_error']:.1e}."
+            )
     for r in rows:
         if r["mode"] == "floor" and "start_lap_seconds" in r:
             out.append(f"- {r['size']}: the signature start's LAPs are {r['start_lap_seconds'] / r['seconds']:.0%} of the floor.")
@@ -358,6 +395,15 @@ def _table(rows: list[dict]) -> str:
             note.append(
                 f"start LAPs {r['start_lap_seconds']:.1f} s + sweep matmuls {r['matmul_seconds']:.1f} s "
                 f"+ sweep LAPs {r['lap_seconds']:.1f} s"
+            )
+        if len(r.get("runs", ())) > 1:
+            note.append(f"median of {len(r['runs'])} runs: {', '.join(f'{x:.1f}' for x in sorted(r['runs']))} s")
+        if "measured" in r:
+            note.append(f"measured {r['measured']}, {r['threads']} threads")
+        if r["mode"] == "check":
+            note.append(
+                f"B {r['reference_seconds']:.1f} s + B permuted {r['verify_seconds']:.1f} s "
+                f"(+ trace {r['trace_seconds']:.1f} s, which also gives the spec); rel. error {r['relative_error']:.1e}"
             )
         if "recovered" in r:
             note.append("planted perm recovered" if r["recovered"] else "planted perm NOT recovered")

@@ -13,14 +13,15 @@ transformers = __import__("pytest").importorskip("transformers")
 KINDS = ("llama", "llama_tied", "gpt2", "vit")
 
 
-def build(kind: str, seed: int) -> torch.nn.Module:
+def build(kind: str, seed: int, **config) -> torch.nn.Module:
     """A tiny model of ``kind`` with weights drawn from ``seed`` (norm weights and biases randomised too,
-    so every group's units are distinguishable)."""
+    so every group's units are distinguishable); ``config`` overrides LLaMA config fields."""
     if kind.startswith("llama"):
-        cfg = transformers.LlamaConfig(
-            vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=kind == "llama_tied",
-        )  # fmt: skip
+        cfg = transformers.LlamaConfig(**{
+            "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+            "tie_word_embeddings": kind == "llama_tied", **config,
+        })  # fmt: skip
         cls = transformers.LlamaForCausalLM
     elif kind == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
@@ -48,8 +49,8 @@ def example(kind: str) -> torch.Tensor:
     return torch.randint(0, 64, (2, 10), generator=gen)
 
 
-def write(kind: str, seed: int, path: Path, dtype: torch.dtype = torch.float32, shard: str | None = None) -> Path:
-    model = build(kind, seed).to(dtype)
+def write(kind: str, seed: int, path: Path, dtype: torch.dtype = torch.float32, shard: str | None = None, **config) -> Path:
+    model = build(kind, seed, **config).to(dtype)
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(path, **kwargs)
     return path
@@ -63,7 +64,7 @@ def digest(path: Path) -> dict[str, str]:
 def spec_of(kind: str, b_dir: str):
     """The checkpoint-key spec of ``kind`` (traced once per session)."""
     from permerge.graph import trace
-    from permerge.io.hf import checkpoint_spec, hf_architecture
+    from permerge.hf import checkpoint_spec, hf_architecture
     from permerge.io.read import open_checkpoint
 
     arch = hf_architecture(b_dir)

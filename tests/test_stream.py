@@ -11,14 +11,7 @@ from safetensors.torch import load_file, save_file
 import permerge as pm
 from permerge.errors import PermergeIOError, StateDictMismatchError
 from permerge.io.read import load_state_dict, open_checkpoint
-from permerge.io.stream import (
-    open_unmapped,
-    parse_size,
-    permuted_producer,
-    plan_write,
-    shard_index,
-    write_shard,
-)
+from permerge.io.write import parse_size, permuted_producer, plan_write, shard_index, write_shard
 from permerge.match import weight_matching
 from permerge.match.stream import stream_weight_matching
 from permerge.permutation import is_identity
@@ -40,7 +33,7 @@ def test_streamed_equals_in_memory(pairs, kind):
     a, b = pairs[kind]
     spec = spec_of(kind, str(b))
     mem = weight_matching(spec, load_state_dict(a), load_state_dict(b), seed=3, quiet=True)
-    with open_unmapped(a) as sa, open_unmapped(b) as sb:
+    with open_checkpoint(a, mmap=False) as sa, open_checkpoint(b, mmap=False) as sb:
         st = stream_weight_matching(spec, sa, sb, seed=3, quiet=True)
     assert not is_identity(st.permutation)
     assert _same(st.permutation, mem.permutation)
@@ -54,7 +47,7 @@ def test_streamed_equals_in_memory(pairs, kind):
 def test_workers_give_the_same_result(pairs):
     a, b = pairs["llama"]
     spec = spec_of("llama", str(b))
-    with open_unmapped(a) as sa, open_unmapped(b) as sb:
+    with open_checkpoint(a, mmap=False) as sa, open_checkpoint(b, mmap=False) as sb:
         one = stream_weight_matching(spec, sa, sb, seed=5, quiet=True, workers=1)
         many = stream_weight_matching(spec, sa, sb, seed=5, quiet=True, workers=3)
     assert _same(one.permutation, many.permutation)
@@ -66,7 +59,7 @@ def test_max_sweeps_and_init_match_in_memory(pairs):
     spec = spec_of("gpt2", str(b))
     init = pm.random_permutation(spec, seed=9)
     mem = weight_matching(spec, load_state_dict(a), load_state_dict(b), max_sweeps=1, init=init, quiet=True)
-    with open_unmapped(a) as sa, open_unmapped(b) as sb:
+    with open_checkpoint(a, mmap=False) as sa, open_checkpoint(b, mmap=False) as sb:
         st = stream_weight_matching(spec, sa, sb, max_sweeps=1, init=init, quiet=True)
     assert st.sweeps == 1 and _same(st.permutation, mem.permutation)
 
@@ -80,7 +73,7 @@ def test_bf16_streamed_equals_in_memory_and_recovers_planted(tmp_path):
     (tmp_path / "b").mkdir()
     save_file({k: v.contiguous() for k, v in sd_b.items()}, tmp_path / "b" / "model.safetensors", metadata={"format": "pt"})
     mem = weight_matching(spec, sd_a, sd_b, quiet=True)
-    with open_unmapped(a) as sa, open_unmapped(tmp_path / "b") as sb:
+    with open_checkpoint(a, mmap=False) as sa, open_checkpoint(tmp_path / "b", mmap=False) as sb:
         assert sb.dtype("model.embed_tokens.weight") == torch.bfloat16
         st = stream_weight_matching(spec, sa, sb, quiet=True)
     assert _same(st.permutation, mem.permutation)
@@ -92,21 +85,21 @@ def test_refuses_mismatched_or_non_finite_checkpoints(pairs, tmp_path):
     a, b = pairs["llama"]
     spec = spec_of("llama", str(b))
     other = pairs["gpt2"][1]
-    with open_unmapped(a) as sa, open_unmapped(other) as so, pytest.raises(StateDictMismatchError, match="different keys"):
+    with open_checkpoint(a, mmap=False) as sa, open_checkpoint(other, mmap=False) as so, pytest.raises(StateDictMismatchError, match="different keys"):
         stream_weight_matching(spec, sa, so, quiet=True)
     sd = load_state_dict(b)
     sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(sd, tmp_path / "nan.safetensors")
-    with open_unmapped(a) as sa, open_unmapped(tmp_path / "nan.safetensors") as sn, pytest.raises(
+    with open_checkpoint(a, mmap=False) as sa, open_checkpoint(tmp_path / "nan.safetensors", mmap=False) as sn, pytest.raises(
         StateDictMismatchError, match="non-finite"
     ):
         stream_weight_matching(spec, sa, sn, quiet=True)
 
 
-def test_open_unmapped_reads_what_safetensors_reads(tmp_path):
+def test_unmapped_reads_what_safetensors_reads(tmp_path):
     d = write("gpt2", 1, tmp_path / "m", torch.bfloat16, shard="20KB")
     assert (d / "model.safetensors.index.json").is_file()
-    with open_unmapped(d) as un, open_checkpoint(d) as mm:
+    with open_checkpoint(d, mmap=False) as un, open_checkpoint(d) as mm:
         assert un.keys() == mm.keys()
         for k in mm.keys():  # noqa: SIM118
             t = un.get(k)
@@ -114,13 +107,13 @@ def test_open_unmapped_reads_what_safetensors_reads(tmp_path):
             assert torch.equal(t, mm.get(k))
     single = tmp_path / "one.safetensors"
     save_file({"x": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([True, False]), "s": torch.tensor(3.0)}, single)
-    with open_unmapped(single) as src:
+    with open_checkpoint(single, mmap=False) as src:
         assert src.keys() == ("b", "s", "x")
         assert torch.equal(src.get("x"), torch.arange(6.0).reshape(2, 3)) and src.get("s").shape == ()
         assert torch.equal(src.get("b"), torch.tensor([True, False]))
     (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(PermergeIOError, match="corrupt"):
-        open_unmapped(tmp_path / "bad.safetensors")
+        open_checkpoint(tmp_path / "bad.safetensors", mmap=False)
 
 
 def test_planned_writer_is_bit_exact_and_sharded(pairs, tmp_path):
@@ -128,7 +121,7 @@ def test_planned_writer_is_bit_exact_and_sharded(pairs, tmp_path):
     spec = spec_of("llama", str(b))
     perm = pm.random_permutation(spec, seed=2)
     expected = pm.apply_permutation(spec, perm, load_state_dict(b))
-    with open_unmapped(b) as src:
+    with open_checkpoint(b, mmap=False) as src:
         shards = plan_write(src, spec, max_shard_size="30KB")
         assert len(shards) > 2 and all(s.nbytes <= 30_000 or len(s.jobs) == 1 for s in shards)
         assert sorted(shard_index(shards)["weight_map"]) == sorted(src.keys())

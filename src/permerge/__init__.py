@@ -9,6 +9,7 @@ if "torch" not in _sys.modules:
     # explicit setting always wins.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from permerge import merge  # the subpackage, callable as merge(models, weights)
 from permerge.align import AlignResult, align
 from permerge.align_hf import align_hf
 from permerge.apply import apply_permutation
@@ -18,7 +19,7 @@ from permerge.evaluate import Curve, interpolation_curve
 from permerge.graph import Example, Traced, register_rule, trace, trace_graph
 from permerge.match import activation_matching, ste_matching, weight_matching
 from permerge.match.stream import stream_weight_matching
-from permerge.merge import interpolate, merge
+from permerge.merge import interpolate
 from permerge.merge.many import merge_many
 from permerge.merge.partial import partial_merge
 from permerge.merge.pleas import pleas

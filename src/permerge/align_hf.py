@@ -1,36 +1,51 @@
-"""align_hf(): weight-match two Hugging Face model directories and write B aligned as a third one.
+"""align_hf(): the pipeline (:mod:`permerge.pipeline`) for two Hugging Face model directories.
 
-trace (architecture from A's ``config.json``, built on the meta device) → weight matching (streamed
-over both checkpoints by default, or in memory) → plan + write (tensor by tensor, all or nothing).
-No weights are loaded for tracing and, streamed, at most a few tensors of each model are in RAM.
+validate (options, output directory claimed, config.json field by field, keys, shapes, dtypes) →
+spec (architecture from A's ``config.json`` built on the meta device and traced) → check, first half
+(the traced program runs with B's tensors) → weight matching (streamed over both checkpoints by
+default, or in memory) → check, second half (with B's tensors permuted) → sink (B permuted, written
+tensor by tensor as an HF directory, all or nothing). No weights are loaded for tracing and,
+streamed, at most a few tensors of each model are in RAM, in the check too.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field, fields
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from permerge.errors import PermergeError
-from permerge.graph import trace
-from permerge.io.hf import checkpoint_spec, hf_architecture, write_hf_model
-from permerge.io.read import StrPath, load_state_dict
-from permerge.io.stream import open_unmapped
-from permerge.io.write import prepare_output_dir
+from permerge.check import StreamedCheck, check_compatible
+from permerge.errors import PermergeIOError
+from permerge.graph import trace_graph
+from permerge.hf import (
+    architecture_fields,
+    checkpoint_keys,
+    checkpoint_spec,
+    hf_architecture,
+    is_hf_dir,
+    on_cpu,
+    runtime_buffers,
+    sample_inputs,
+)
+from permerge.io.outputs import OutputDir, hf_files
+from permerge.io.read import StrPath, TensorSource, load_state_dict, open_checkpoint
+from permerge.io.write import parse_size
+from permerge.match import lap
 from permerge.match.stream import stream_weight_matching
 from permerge.match.weight import weight_matching
 from permerge.permutation import Permutation
+from permerge.pipeline import Stages, positive, resolve_device, resolve_dtype, run_alignment
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["HFAlignResult", "align_hf"]
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+__all__ = ["HFAlignResult", "align_hf", "check_hf_dirs", "prepare_check"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,44 @@ class HFAlignResult:
     permutation: Permutation
     spec: PermutationSpec
     report: dict[str, Any] = field(default_factory=dict)
+
+
+def check_hf_dirs(*dirs: StrPath) -> None:
+    """Raise naming the first of ``dirs`` that is not a Hugging Face model directory."""
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise PermergeIOError(f"{d} is not a directory; Hugging Face checkpoints are directories with config.json")
+        if not is_hf_dir(d):
+            raise PermergeIOError(f"{d} has no config.json: pass --model to name the architecture, or point at a Hugging Face model directory")
+
+
+def prepare_check(
+    a_dir: StrPath, src_b: TensorSource, spec: PermutationSpec | None = None, *, name: str = "B", seed: int = 0,
+    tol: float = 1e-4,
+) -> tuple[PermutationSpec, StreamedCheck]:
+    """A's architecture (from ``config.json``, on the meta device) fitted to B's checkpoint, traced; the
+    spec in B's checkpoint keys (``spec`` if given, checked against B's shapes) and B's streamed
+    function check. Raises, before tracing, if B's keys, shapes or dtype kinds do not fit the model."""
+    arch = hf_architecture(a_dir)
+    key_map = checkpoint_keys(arch.model, src_b.keys(), name=name)
+    expected = arch.model.state_dict()
+    check_compatible([src_b], [name], architecture={ck: expected[mk] for mk, ck in key_map.items()})
+    traced = trace_graph(arch.model, arch.inputs, example_kwargs=arch.kwargs)
+    if spec is None:
+        spec = checkpoint_spec(traced.spec, arch.model, src_b.keys())
+    else:
+        spec.validate({k: src_b.shape(k) for k in src_b.keys()})  # noqa: SIM118
+    program = on_cpu(traced.program, runtime_buffers(arch.model))
+    return spec, StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol, name=name)
+
+
+def _output_bytes(source: TensorSource, out_dtype: torch.dtype | None) -> int:
+    total = 0
+    for k in source.keys():  # noqa: SIM118 (a TensorSource is not iterable)
+        dtype = source.dtype(k)
+        dtype = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+        total += math.prod(source.shape(k)) * dtype.itemsize
+    return total
 
 
 def align_hf(
@@ -59,15 +112,18 @@ def align_hf(
     max_shard_size: int | str = "5GB",
     force: bool = False,
     quiet: bool = False,
+    tol: float = 1e-4,
     command: list[str] | str = "",
     config: dict[str, Any] | None = None,
+    view: Callable[[Path], object] | None = None,
 ) -> HFAlignResult:
     """Align B's hidden units to A's by weight matching and write B, permuted, as an HF directory.
 
     Args:
         a_dir, b_dir: Hugging Face model directories (``config.json`` + safetensors, possibly sharded)
-            of the same architecture; A is the reference. Neither is modified.
-        out: the output directory (new, or empty unless ``force``).
+            of one architecture (every architecture-defining ``config.json`` field equal); A is the
+            reference. Neither is modified.
+        out: the output directory (new, or empty unless ``force``, which replaces it whole).
         stream: match over lazily read checkpoints (bounded RAM); ``False`` loads both into RAM.
         spec: the groups to permute, in checkpoint keys; default: traced from A's config.
         seed, max_sweeps, backend: as for :func:`~permerge.match.weight_matching`.
@@ -76,68 +132,52 @@ def align_hf(
             4; same result).
         out_dtype: cast floating tensors to this dtype (``"bfloat16"``…); default: keep B's dtypes.
         max_shard_size: largest output shard, e.g. ``"5GB"``.
+        tol: the function check's tolerance (relative to the largest output magnitude).
+        command, config: recorded in ``provenance.json``.
+        view: renders a file from the complete output (the CLI passes the HTML report writer).
 
     Returns:
         An :class:`HFAlignResult`; ``out`` loads with ``AutoModel*.from_pretrained`` and computes B's
-        function.
+        function (checked before writing: ``report["function_preservation_error"]``). Files of B's
+        directory not copied (other weight formats, unknown files) are listed in ``report["left_out"]``.
 
     Example:
         >>> res = align_hf("llama-a", "llama-b", "llama-b-aligned", workers=8)  # doctest: +SKIP
     """
-    times: dict[str, float] = {}
+    stages = Stages()
     inputs = {"a": a_dir, "b": b_dir}
-    prepare_output_dir(out, force=force, inputs=inputs.values(), create=False)  # fail fast
-    if isinstance(out_dtype, str):
-        if out_dtype not in _DTYPES:
-            raise PermergeError(f"unknown out_dtype {out_dtype!r}; choose one of {', '.join(_DTYPES)}")
-        out_dtype = _DTYPES[out_dtype]
-    t0 = time.perf_counter()
-    with open_unmapped(a_dir) as src_a, open_unmapped(b_dir) as src_b:
-        if spec is None:
-            arch = hf_architecture(a_dir)
-            traced = trace(arch.model, arch.inputs, example_kwargs=arch.kwargs)
-            spec = checkpoint_spec(traced, arch.model, src_b.keys())
-        else:
-            spec.validate({k: src_b.shape(k) for k in spec.keys if k in src_b})
-        times["trace"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if stream:
-            res = stream_weight_matching(
-                spec, src_a, src_b, seed=seed, max_sweeps=max_sweeps, backend=backend, quiet=quiet,
-                device=device, workers=workers,
-            )  # fmt: skip
-        else:
-            sd_a, sd_b = load_state_dict(a_dir), load_state_dict(b_dir)
-            res = weight_matching(
-                spec,
-                sd_a,
-                sd_b,
-                seed=seed,
-                max_sweeps=max_sweeps,
-                backend=backend,
-                workers=workers,
-                quiet=quiet,
-                device=device,
-            )
-            del sd_a, sd_b
-        times["match"] = time.perf_counter() - t0
-        details = {f.name: getattr(res, f.name) for f in fields(res) if f.name != "permutation"}
-        report = {
-            "method": "weight",
-            "streamed": stream,
-            "groups": len(spec.groups),
-            "group_sizes": {g.name: g.size for g in spec.groups},
-            "changed_groups": sum(not torch.equal(p, torch.arange(len(p))) for p in res.permutation.values()),
-            "function_preservation_error": None,  # not run: it would need B's weights in RAM; the spec is traced
-            "timing_s": times,
-            **details,
-        }
-        t0 = time.perf_counter()
-        path = write_hf_model(
-            out, src_b, b_dir, spec, res.permutation, out_dtype=out_dtype, max_shard_size=max_shard_size,
-            force=force, inputs=inputs, command=command, config=config or {}, report=report,
-        )  # fmt: skip
-        times["write"] = time.perf_counter() - t0
+    with stages("validate"):
+        dev = resolve_device(device)
+        dtype = resolve_dtype(out_dtype)
+        parse_size(max_shard_size)
+        positive("max_sweeps", max_sweeps, integer=True)
+        positive("workers", workers, integer=True)
+        positive("tol", tol)
+        lap.resolve_backend(backend)
+        check_hf_dirs(a_dir, b_dir)
+    with ExitStack() as stack:
+        with stages("validate"):
+            src_a = stack.enter_context(open_checkpoint(a_dir, mmap=False))
+            src_b = stack.enter_context(open_checkpoint(b_dir, mmap=False))
+            sink = stack.enter_context(OutputDir(out, force=force, inputs=inputs, expected_bytes=_output_bytes(src_b, dtype)))
+            names = [f"A ({a_dir})", f"B ({b_dir})"]
+            check_compatible([src_a, src_b], names, configs=[architecture_fields(a_dir), architecture_fields(b_dir)])
+        with stages("trace"):
+            spec, check = prepare_check(a_dir, src_b, spec, name=names[1], seed=seed, tol=tol)
+
+        def match() -> Any:
+            if stream:
+                return stream_weight_matching(spec, src_a, src_b, seed=seed, max_sweeps=max_sweeps, backend=backend,
+                                              quiet=quiet, device=dev, workers=workers)  # fmt: skip
+            return weight_matching(spec, load_state_dict(a_dir), load_state_dict(b_dir), seed=seed, max_sweeps=max_sweeps,
+                                   backend=backend, workers=workers, quiet=quiet, device=dev)  # fmt: skip
+
+        perm, report = run_alignment(spec, match, check, stages, method="weight", streamed=stream)
+        with stages("write"):
+            files, left_out = hf_files(src_b, b_dir, spec, perm, out_dtype=dtype, max_shard_size=max_shard_size)
+            report["left_out"] = left_out
+            path = sink.commit(files, command=[command] if isinstance(command, str) else list(command),
+                               config=config or {}, report=report, view=view)  # fmt: skip
     LOG.info("aligned %d groups (%s) in %.1f s; wrote %s", len(spec.groups), "streamed" if stream else "in memory",
-             sum(times.values()), path)  # fmt: skip
-    return HFAlignResult(path, res.permutation, spec, report)
+             sum(stages.seconds.values()), path)  # fmt: skip
+    return HFAlignResult(path, perm, spec, report)

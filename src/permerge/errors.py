@@ -21,5 +21,9 @@ class StateDictMismatchError(PermergeError, ValueError):
     """Two state dicts (or a state dict and a spec) disagree on keys, shapes or values."""
 
 
+class ConfigMismatchError(StateDictMismatchError):
+    """Two checkpoints' configs differ in a field that defines the architecture (names the field)."""
+
+
 class PermergeIOError(PermergeError, OSError):
     """A checkpoint or output path cannot be read or written (names the path and the fix)."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -62,12 +65,12 @@ def test_align_refuses_existing_output_unless_forced(ckpts, tmp_path, capsys):
     a, b = ckpts
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "old.txt").write_text("previous run")
     assert main(["align", *MODEL, str(a), str(b), "-o", str(out)]) == 2
     assert "is not empty" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert main(["align", *MODEL, str(a), str(b), "-o", str(out), "--force"]) == 0
-    assert (out / "keep.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "permutation.safetensors", "provenance.json", "report.html", "spec.json"]
 
 
 def test_align_refuses_to_write_into_an_input(ckpts, tmp_path, capsys):
@@ -88,7 +91,7 @@ def test_bad_checkpoint_clear_error_nothing_written(ckpts, tmp_path, capsys, pro
         message = "wrong shape, e.g. 'net.3.bias': \\(3,\\), the model expects \\(16,\\)"
     else:
         sd["net.3.bias"][0] = float("nan")
-        message = r"NaN or infinite values in \['net.3.bias'\]"
+        message = r"non-finite \(NaN or inf\) weights in B \(.*bad.safetensors\)\['net.3.bias'\]"
     bad = tmp_path / "bad.safetensors"
     save_file(sd, bad)
     out = tmp_path / "out"
@@ -97,17 +100,25 @@ def test_bad_checkpoint_clear_error_nothing_written(ckpts, tmp_path, capsys, pro
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_interrupted_write_leaves_no_output(ckpts, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("signal_name", "code", "message"), [("SIGINT", 130, "interrupted, nothing written"),
+                                                                ("SIGTERM", 143, "interrupted (SIGTERM), nothing written")])
+def test_interrupted_write_leaves_no_output(ckpts, tmp_path, monkeypatch, capsys, signal_name, code, message):
+    """The signal arrives while the result is being written; in-process (the subprocess version, with
+    SIGKILL too, is in test_cli_signals.py)."""
     a, b = ckpts
     out = tmp_path / "out"
 
-    def boom(*args, **kwargs):
-        raise KeyboardInterrupt
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, signal_name))
+        time.sleep(1)  # the handler raises before this returns
+        raise AssertionError("signal not delivered")
 
-    monkeypatch.setattr("permerge.io.outputs.write_provenance", boom)
-    with pytest.raises(KeyboardInterrupt):
-        main(["align", *MODEL, str(a), str(b), "-o", str(out)])
-    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    monkeypatch.setattr("permerge.io.outputs.write_provenance", interrupted)
+    assert main(["align", *MODEL, str(a), str(b), "-o", str(out)]) == code
+    err = capsys.readouterr().err
+    assert err == f"permerge align: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.pt"]  # no output, no partial, no lock
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is main()'s only
 
 
 @pytest.mark.parametrize("method", ["weight", "many", "average"])
@@ -129,4 +140,48 @@ def test_merge_errors(ckpts, tmp_path, capsys):
     assert "sum to 1" in capsys.readouterr().err
     assert main(["merge", *MODEL, str(a), str(b), "--weights", "a,b", "-o", str(tmp_path / "z")]) == 2
     assert "comma-separated numbers" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in "xyz")
+    assert main(["merge", *MODEL, str(a), str(b), "--weights", "nan,nan", "-o", str(tmp_path / "n")]) == 2
+    assert "finite" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "xyzn")
+
+
+@pytest.mark.parametrize("method", ["weight", "many", "average", "partial"])
+def test_every_merge_method_records_a_numeric_function_check(ckpts, tmp_path, method):
+    a, b = ckpts
+    out = tmp_path / method
+    extra = ["--budget", "1.5"] if method == "partial" else []
+    assert main(["merge", *MODEL, str(a), str(b), "--method", method, "-o", str(out), *extra]) == 0
+    report = __import__("json").loads((out / "provenance.json").read_text())["report"]
+    err = report["function_preservation_error"]
+    assert isinstance(err, float) and 0.0 <= err < 1e-5
+    checks = [c for c in report["function_checks"] if c is not None]  # None: that model was not permuted
+    assert len(checks) == (0 if method == "average" else 1)
+    assert all(c["runs"] == ["eval, batch 2", "train (dropout off), batch 2", "eval, batch 3"] for c in checks)
+
+
+def test_model_path_keeps_checkpoint_dtypes(tmp_path, capsys):
+    """fp16 and bf16 checkpoints come out fp16 and bf16, integer buffers stay integer; a float
+    parameter stored as int8 is refused with a message, before any tracing."""
+    torch.manual_seed(0)
+    base = ["--model", "resnet20", "--model-kwargs", '{"width": 1}']
+    from permerge.models import ResNet20
+
+    m = ResNet20()
+    sd = {k: v.to(torch.bfloat16) if k.startswith("stem") and v.is_floating_point() else v.half() if v.is_floating_point() else v
+          for k, v in m.state_dict().items()}  # fmt: skip
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, a)
+    save_file({k: v if not v.is_floating_point() else v + 0.01 * torch.randn_like(v.float()).to(v.dtype)
+               for k, v in sd.items()}, b)  # fmt: skip
+    assert main(["align", *base, str(a), str(b), "-o", str(tmp_path / "out")]) == 0
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in sd.items()}
+    assert main(["merge", *base, str(a), str(b), "-o", str(tmp_path / "merged")]) == 0
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in sd.items()}
+    capsys.readouterr()
+    sd["stem.0.weight"] = sd["stem.0.weight"].to(torch.int8)
+    save_file(sd, b)
+    assert main(["align", *base, str(a), str(b), "-o", str(tmp_path / "bad")]) == 2
+    assert "stores 'stem.0.weight' as torch.int8 where the model has torch.float32" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

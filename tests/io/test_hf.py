@@ -89,7 +89,7 @@ def test_bf16_stays_bf16_unless_out_dtype(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(dirs, tmp_path, monkeypatch):
-    import permerge.io.stream as stream
+    import permerge.io.write as stream
 
     a, b = dirs["llama"]
     before = digest(a), digest(b)
@@ -116,17 +116,17 @@ def test_cli_aligns_hf_directories(dirs, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["align", str(a), str(b), "-o", str(out), "--workers", "2", "--max-shard-size", "50KB", "--out-dtype", "bfloat16"]
     assert main(argv) == 0
-    assert "groups (weight, streamed); wrote" in capsys.readouterr().out
+    assert "groups (weight, streamed); function check: relative error" in capsys.readouterr().out
     assert {v.dtype for v in load_state_dict(out).values()} == {torch.bfloat16}
     assert json.loads((out / "provenance.json").read_text())["config"]["workers"] == 2
     assert main(["align", str(a), str(b), "-o", str(out)]) == 2  # exists: refused
     assert "not empty" in capsys.readouterr().err
     assert main(["align", str(tmp_path / "nope"), str(b), "-o", str(tmp_path / "o2")]) == 2
-    assert "pass --model" in capsys.readouterr().err
+    assert "checkpoint A not found" in capsys.readouterr().err
 
 
 def test_meta_architecture_needs_no_weights(dirs):
-    from permerge.io.hf import hf_architecture
+    from permerge.hf import hf_architecture
 
     arch = hf_architecture(dirs["gpt2"][0])
     assert all(p.is_meta for p in arch.model.parameters())

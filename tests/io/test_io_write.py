@@ -240,19 +240,6 @@ def test_prepare_output_dir_refuses_non_empty_without_force(tmp_path: Path) -> N
         prepare_output_dir(out, force=False, inputs=[])
 
 
-def test_force_keeps_other_files_and_replaces_ours(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_text("old result")
-    (out / "notes.txt").write_text("keep me")
-    prepare_output_dir(out, force=True, inputs=[tmp_path / "elsewhere.safetensors"])
-    sd = make_sd()
-    save_state_dict(sd, out / "model.safetensors")
-    assert (out / "notes.txt").read_text() == "keep me"
-    assert_bit_equal(load_state_dict(out / "model.safetensors"), sd)
-    assert listing(out) == ["model.safetensors", "notes.txt"]
-
-
 @pytest.mark.parametrize("force", [False, True])
 def test_prepare_output_dir_refuses_inputs(tmp_path: Path, force: bool) -> None:
     hf = tmp_path / "hf"
@@ -265,6 +252,8 @@ def test_prepare_output_dir_refuses_inputs(tmp_path: Path, force: bool) -> None:
         prepare_output_dir(tmp_path, force=force, inputs=[hf / "model.safetensors"])
     with pytest.raises(PermergeIOError, match=r"contains input .*hf"):
         prepare_output_dir(tmp_path, force=force, inputs=[hf])
+    with pytest.raises(PermergeIOError, match=r"output directory .*hf/out is inside input .*hf"):
+        prepare_output_dir(hf / "out", force=force, inputs=[hf])
     assert checkpoint_hashes(hf) == before
 
 

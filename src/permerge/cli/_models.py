@@ -12,7 +12,7 @@ import torch
 
 from permerge import models
 from permerge.errors import PermergeError
-from permerge.io.hf import hf_architecture
+from permerge.hf import hf_architecture
 from permerge.models import ModelRef
 
 __all__ = ["add_model_arguments", "load_model"]

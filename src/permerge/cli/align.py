@@ -1,15 +1,19 @@
 """Align model B's hidden units to model A's and write the aligned B.
 
-Writes OUT/model.safetensors (B permuted: same keys, same function as B), OUT/permutation.safetensors
-(one int64 index vector per group), OUT/spec.json and OUT/provenance.json (command, versions,
-input hashes, the alignment report). Inputs are never modified; OUT must be new or empty unless
---force.
+Writes OUT/model.safetensors (B permuted: B's keys and dtypes, B's function), OUT/permutation.
+safetensors (one int64 index vector per group), OUT/spec.json (in the checkpoint's keys) and
+OUT/provenance.json (command, versions, input hashes, the report with the function check's error).
 
-Without --model, A and B are Hugging Face model directories: the architecture comes from A's
-config.json (built on the meta device), matching streams over both checkpoints one tensor at a time
-(--no-stream loads both into RAM), and OUT is a Hugging Face directory (sharded safetensors + index,
-config.json) that from_pretrained and mergekit load, plus permutation.safetensors, spec.json and
-provenance.json.
+Without --model, A and B are Hugging Face model directories: their config.json files must agree on
+every architecture-defining field, the architecture comes from A's (built on the meta device),
+matching streams over both checkpoints one tensor at a time (--no-stream loads both into RAM), and
+OUT is a Hugging Face directory (sharded safetensors + index, config.json, tokenizer and other
+non-weight files from an allow-list; other weight formats are left out and listed in provenance)
+that from_pretrained and mergekit load.
+
+Everything is checked before tracing (paths, options, devices, configs, keys, shapes, dtypes); B
+permuted is checked to compute B's function before anything is written. Inputs are never modified;
+OUT is written all or nothing and must be new or empty unless --force (which replaces it whole).
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from permerge.align import align
-from permerge.align_hf import align_hf
-from permerge.cli._checkpoints import data_from, load_into
+from permerge.align import align, check_method
+from permerge.align_hf import align_hf, check_hf_dirs
+from permerge.cli._checkpoints import data_from, load_checkpoint
 from permerge.cli._models import add_model_arguments, load_model
-from permerge.errors import PermergeError
-from permerge.io.hf import is_hf_dir
-from permerge.io.outputs import write_result
-from permerge.io.write import prepare_output_dir
+from permerge.errors import PermergeError, PermergeIOError, SpecError
+from permerge.hf import checkpoint_spec, module_spec
+from permerge.io.outputs import OutputDir, result_files
+from permerge.io.read import file_bytes
+from permerge.io.write import parse_size
+from permerge.pipeline import positive, resolve_device, resolve_dtype
 from permerge.report import write_report
 from permerge.spec import PermutationSpec
 
@@ -36,69 +42,112 @@ EPILOG = """examples:
   permerge align llama-a/ llama-b/ -o out/ --device cuda --out-dtype bfloat16
   permerge align --model mypkg.nets:vgg --input-shape 1,3,32,32 a.pt b.pt -o out --method activation --data mypkg.data:loader
 """
+_HF_ONLY = ("stream", "out_dtype", "max_shard_size")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", help="checkpoint of model A (the reference): .safetensors, .pt/.pth, or a directory")
     p.add_argument("b", help="checkpoint of model B (the one permuted)")
     p.add_argument("--model", help="architecture: built-in example, package.module:factory, or HF dir "
-                   "(omit it when A and B are Hugging Face directories)")
+                   "(omit it when A and B are Hugging Face directories)")  # fmt: skip
     add_model_arguments(p, positional=False)
     p.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --force)")
-    p.add_argument("--method", default="weight", help="weight (default), activation or ste")
+    p.add_argument("--method", default="weight", help="weight (default), activation or ste (a registered matcher)")
     p.add_argument("--data", help="package.module:function returning batches (activation/ste)")
     p.add_argument("--spec", help="use this spec JSON instead of tracing (e.g. an edited `inspect --save-spec`)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="write into a non-empty OUT (replacing our files only)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
+    p.add_argument("--device", help="run the weight-matching cost matmuls here, e.g. cuda (LAPs stay on the CPU)")
+    p.add_argument("--workers", type=int, help="threads solving independent groups' LAPs (default: one per two cores, at most 4)")
+    p.add_argument("--max-sweeps", type=int, help="stop weight matching's coordinate descent after this many sweeps (default 100)")
     hf = p.add_argument_group("Hugging Face directories (no --model)")
-    hf.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                    help="read the checkpoints one tensor at a time (default); --no-stream loads both into RAM")
-    hf.add_argument("--device", help="run the cost matmuls here, e.g. cuda (LAPs stay on the CPU)")
-    hf.add_argument(
-        "--workers", type=int, default=None,
-        help="threads solving independent groups' LAPs (default: one per two cores, at most 4; same result)",
-    )  # fmt: skip
-    hf.add_argument("--out-dtype", choices=("float32", "float16", "bfloat16"), help="cast floating tensors (default: keep B's)")
-    hf.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    hf.add_argument("--max-sweeps", type=int, default=100, help="stop coordinate descent after this many sweeps")
+    hf.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="read the checkpoints one tensor at a time (default); --no-stream loads both into RAM")  # fmt: skip
+    hf.add_argument("--out-dtype", help="cast floating tensors to float32, float16 or bfloat16 (default: keep B's)")
+    hf.add_argument("--max-shard-size", help="largest output shard (default 5GB)")
+
+
+def _spec(path: str | None) -> PermutationSpec | None:
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise PermergeIOError(f"cannot read --spec {path}: {e.strerror or e}") from e
+    try:
+        return PermutationSpec.from_json(text)
+    except SpecError as e:
+        raise SpecError(f"--spec {path}: {e}") from e
+
+
+def _matcher_options(args: argparse.Namespace) -> dict[str, object]:
+    options = {"device": resolve_device(args.device), "workers": args.workers, "max_sweeps": args.max_sweeps}
+    options = {k: v for k, v in options.items() if v is not None}
+    if options and args.method != "weight":
+        raise PermergeError(f"--{next(iter(options)).replace('_', '-')} applies to --method weight only")
+    return options
+
+
+def _validate(args: argparse.Namespace) -> None:
+    """Every check that needs no model: runs in well under a second, before anything is loaded."""
+    positive("--workers", args.workers, integer=True)
+    positive("--max-sweeps", args.max_sweeps, integer=True)
+    resolve_device(args.device)
+    for name, path in (("A", args.a), ("B", args.b)):
+        if not Path(path).exists():
+            raise PermergeIOError(f"checkpoint {name} not found: {path}")
 
 
 def run(args: argparse.Namespace) -> int:
+    _validate(args)
     if args.model is None:
         return _run_hf(args)
+    given = [f"--{k.replace('_', '-')}" for k in _HF_ONLY if getattr(args, k) is not None]
+    if given:
+        raise PermergeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to Hugging Face directories (without --model) only")
     inputs = {"a": args.a, "b": args.b}
-    prepare_output_dir(args.out, force=args.force, inputs=inputs.values(), create=False)  # fail fast
-    ref = load_model(args.model, args)
-    a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
-    spec = PermutationSpec.from_json(Path(args.spec).read_text()) if args.spec else None
-    res = align(a, b, ref.inputs, args.method, spec=spec, example_kwargs=ref.kwargs, data=data_from(args.data),
-                seed=args.seed, quiet=args.quiet)  # fmt: skip
-    write_result(
-        args.out, force=args.force, inputs=inputs, state_dicts={"model": res.model.state_dict()},
-        permutations={"permutation": res.permutation}, spec=res.spec, command=sys.argv,
-        config={k: v for k, v in vars(args).items() if k != "run"}, report=res.report,
-    )  # fmt: skip
-    write_report(args.out)
+    check_method(args.method, has_data=args.data is not None)
+    options = _matcher_options(args)
+    spec = _spec(args.spec)
+    with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=file_bytes(args.b)) as out:
+        ref = load_model(args.model, args)
+        a, b = load_checkpoint(ref.model, args.a, "A"), load_checkpoint(ref.model, args.b, "B")
+        res = align(a.model, b.model, ref.inputs, args.method, spec=None if spec is None else module_spec(spec, b.keys),
+                    example_kwargs=ref.kwargs, data=data_from(args.data), seed=args.seed, quiet=args.quiet,
+                    **options)  # fmt: skip
+        files = result_files({"model": b.checkpoint_state(res.model.state_dict())}, {"permutation": res.permutation},
+                             checkpoint_spec(res.spec, b.model, b.keys.values()))  # fmt: skip
+        out.commit(files, command=sys.argv, config=_config(args), report=res.report, view=write_report)
     sys.stdout.write(
-        f"aligned {res.report['changed_groups']}/{res.report['groups']} groups ({args.method}); wrote {args.out}\n"
+        f"aligned {res.report['changed_groups']}/{res.report['groups']} groups ({args.method}); function check: "
+        f"relative error {res.report['function_preservation_error']:.1e}; wrote {args.out}\n"
     )
     return 0
 
 
 def _run_hf(args: argparse.Namespace) -> int:
-    if not is_hf_dir(args.a):
-        raise PermergeError(f"{args.a} has no config.json: pass --model to name the architecture")
+    check_hf_dirs(args.a, args.b)
     if args.method != "weight":
         raise PermergeError(f"Hugging Face directories are aligned by weight matching only, not --method {args.method}")
-    spec = PermutationSpec.from_json(Path(args.spec).read_text()) if args.spec else None
+    if args.data is not None:
+        raise PermergeError("--data is for --method activation/ste, which need --model")
+    resolve_dtype(args.out_dtype)
+    if args.max_shard_size is not None:
+        parse_size(args.max_shard_size)
+    stream = args.stream is not False
     res = align_hf(
-        args.a, args.b, args.out, stream=args.stream, spec=spec, seed=args.seed, max_sweeps=args.max_sweeps,
-        device=args.device, workers=args.workers, out_dtype=args.out_dtype, max_shard_size=args.max_shard_size,
-        force=args.force, quiet=args.quiet, command=sys.argv, config={k: v for k, v in vars(args).items() if k != "run"},
+        args.a, args.b, args.out, stream=stream, spec=_spec(args.spec), seed=args.seed,
+        max_sweeps=args.max_sweeps or 100, device=args.device, workers=args.workers, out_dtype=args.out_dtype,
+        max_shard_size=args.max_shard_size or "5GB", force=args.force, quiet=args.quiet, command=sys.argv,
+        config=_config(args), view=write_report,
     )  # fmt: skip
-    write_report(res.out)
     sys.stdout.write(
         f"aligned {res.report['changed_groups']}/{res.report['groups']} groups (weight, "
-        f"{'streamed' if args.stream else 'in memory'}); wrote {res.out}\n"
+        f"{'streamed' if stream else 'in memory'}); function check: relative error "
+        f"{res.report['function_preservation_error']:.1e}; wrote {res.out}\n"
     )
     return 0
+
+
+def _config(args: argparse.Namespace) -> dict[str, object]:
+    return {k: v for k, v in vars(args).items() if k != "run"}

@@ -11,10 +11,16 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 
 from permerge.cli._models import add_model_arguments, load_model
+from permerge.errors import PermergeIOError
 from permerge.graph import trace
+from permerge.hf import checkpoint_spec, is_hf_dir, saved_keys
+from permerge.io.read import HF_WEIGHT_FILES, open_checkpoint
 from permerge.io.write import atomic_path
+from permerge.models import ModelRef
 
 HELP = "list the permutation groups of a model"
 EPILOG = """examples:
@@ -31,11 +37,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="fail on ops without a rule instead of freezing")
 
 
+def _checkpoint_keys(ref: ModelRef, path: str) -> Iterable[str]:
+    """The keys a checkpoint of ``ref`` holds: its files' own for an HF directory with weights, else as
+    ``save_pretrained`` names them (renamed, tied aliases left out) or, for other models, the state dict's."""
+    if any(Path(path, name).is_file() for name in HF_WEIGHT_FILES):
+        with open_checkpoint(path) as src:
+            return src.keys()
+    return saved_keys(ref.model) if is_hf_dir(path) else ref.model.state_dict().keys()
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.save_spec and not Path(args.save_spec).resolve().parent.is_dir():
+        raise PermergeIOError(f"cannot write --save-spec {args.save_spec}: its directory does not exist")
     ref = load_model(args.model, args, meta=True)
-    spec = trace(ref.model, ref.inputs, example_kwargs=ref.kwargs, strict=args.strict)
+    module_spec = trace(ref.model, ref.inputs, example_kwargs=ref.kwargs, strict=args.strict)
     shapes = {k: tuple(v.shape) for k, v in ref.model.state_dict().items()}
-    fraction = spec.permutable_fraction(shapes)
+    fraction = module_spec.permutable_fraction(shapes)
+    # in the checkpoint's keys, so `align --spec` takes it (HF files rename keys and drop tied aliases)
+    spec = checkpoint_spec(module_spec, ref.model, _checkpoint_keys(ref, args.model))
     if args.save_spec:
         with atomic_path(args.save_spec) as tmp:
             tmp.write_text(spec.to_json())

@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from permerge.cli._checkpoints import data_from, load_into
+from permerge.cli._checkpoints import data_from, load_checkpoint
 from permerge.cli._models import add_model_arguments, load_model
-from permerge.errors import PermergeError
-from permerge.io.outputs import write_files, write_result
-from permerge.io.write import permutation_writer, prepare_output_dir, safetensors_writer, text_writer
-from permerge.merge.combine import METHODS, MergeResult, merge_models
+from permerge.errors import PermergeError, PermergeIOError
+from permerge.hf import checkpoint_spec
+from permerge.io.outputs import OutputDir, result_files
+from permerge.io.read import file_bytes
+from permerge.io.write import text_writer
+from permerge.merge.combine import METHODS, check_merge_request, merge_models
 from permerge.report import write_report
 
 HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS)"
@@ -38,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="architecture: built-in example, package.module:factory, or HF dir")
     add_model_arguments(p, positional=False)
     p.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --force)")
-    p.add_argument("--method", choices=METHODS, default="weight")
+    p.add_argument("--method", choices=list(METHODS), default="weight")
     p.add_argument("--weights", help="comma-separated interpolation weights summing to 1 (default: uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", default="1.0",
@@ -47,42 +50,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-heads", action="store_true", help="partial/pleas: keep both models' outputs (A's, then B's)")
     p.add_argument("--batches", type=int, default=16, help="pleas: batches of --data used")
     p.add_argument("--max-seconds", type=float, help="pleas: time budget of the least-squares step")
-    p.add_argument("--force", action="store_true", help="write into a non-empty OUT (replacing our files only)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
+
+
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise PermergeError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def _options(args: argparse.Namespace) -> dict[str, object]:
+    """Method-specific options from the flags (pleas: batches, time budget)."""
+    return {"batches": args.batches, "max_seconds": args.max_seconds} if args.method == "pleas" else {}
 
 
 def run(args: argparse.Namespace) -> int:
     if len(args.checkpoints) < 2:
         raise PermergeError("merge needs at least two checkpoints")
+    weights, budget = _weights(args.weights), _budget(args.budget)
+    check_merge_request(args.method, len(args.checkpoints), weights=weights, budget=budget, has_data=args.data is not None)
+    for i, c in enumerate(args.checkpoints):
+        if not Path(c).exists():
+            raise PermergeIOError(f"checkpoint {i} not found: {c}")
     inputs = {f"model_{i}": c for i, c in enumerate(args.checkpoints)}
-    prepare_output_dir(args.out, force=args.force, inputs=inputs.values(), create=False)  # fail fast
-    try:
-        weights = [float(w) for w in args.weights.split(",")] if args.weights else None
-    except ValueError as e:
-        raise PermergeError(f"--weights must be comma-separated numbers, got {args.weights!r}") from e
-    ref = load_model(args.model, args)
-    models = [load_into(ref.model, c, f"checkpoint {i}") for i, c in enumerate(args.checkpoints)]
-    budgeted = args.method in ("partial", "pleas")
-    data = data_from(args.data) if budgeted and args.data else None
-    options = {"batches": args.batches, "max_seconds": args.max_seconds} if args.method == "pleas" else None
-    try:
-        res = merge_models(models, ref.inputs, method=args.method, weights=weights, example_kwargs=ref.kwargs,
-                           seed=args.seed, budget=_budget(args.budget), data=data, keep_heads=args.keep_heads,
-                           pleas_options=options, quiet=args.quiet)  # fmt: skip
-    except ValueError as e:
-        raise PermergeError(str(e)) from e
-    config = {k: v for k, v in vars(args).items() if k != "run"}
+    expected = 2 * max(file_bytes(c) for c in args.checkpoints)  # partial/pleas widen up to 2x
+    with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=expected) as out:
+        ref = load_model(args.model, args)
+        loaded = [load_checkpoint(ref.model, c, f"checkpoint {i}") for i, c in enumerate(args.checkpoints)]
+        data = data_from(args.data) if args.method in ("partial", "pleas") and args.data else None
+        res = merge_models([m.model for m in loaded], ref.inputs, method=args.method, weights=weights,
+                           example_kwargs=ref.kwargs, seed=args.seed, budget=budget, data=data,
+                           keep_heads=args.keep_heads, pleas_options=_options(args), quiet=args.quiet)  # fmt: skip
+        keys = loaded[0]
+        files = result_files({"model": keys.checkpoint_state(res.model.state_dict())},
+                             {f"permutation_{i}": p for i, p in enumerate(res.permutations)},
+                             checkpoint_spec(res.spec, keys.model, keys.keys.values()))  # fmt: skip
+        if res.architecture is not None:  # wider than the inputs: record the widths to rebuild it
+            files["architecture.json"] = text_writer(json.dumps(res.architecture, indent=1) + "\n")
+        out.commit(files, command=sys.argv, config={k: v for k, v in vars(args).items() if k != "run"}, report=res.report,
+                   view=write_report)  # fmt: skip
+    what = args.method
     if res.architecture is not None:
-        _write_widened(args, inputs, res, config)
-        sys.stdout.write(f"merged 2 models ({args.method}, budget {args.budget}, "
-                         f"{res.report['parameters']} parameters); wrote {args.out}\n")  # fmt: skip
-        return 0
-    write_result(
-        args.out, force=args.force, inputs=inputs, state_dicts={"model": res.model.state_dict()},
-        permutations={f"permutation_{i}": p for i, p in enumerate(res.permutations)}, spec=res.spec,
-        command=sys.argv, config=config, report=res.report,
-    )  # fmt: skip
-    write_report(args.out)
-    sys.stdout.write(f"merged {len(models)} models ({args.method}); wrote {args.out}\n")
+        what += f", budget {args.budget}, {res.report['parameters']} parameters"
+    sys.stdout.write(f"merged {len(loaded)} models ({what}); function check: relative error "
+                     f"{res.report['function_preservation_error']:.1e}; wrote {args.out}\n")  # fmt: skip
     return 0
 
 
@@ -98,18 +112,3 @@ def _budget(text: str) -> float | dict[str, float]:
     if not isinstance(value, dict):
         raise PermergeError(f"--budget must be a number or a JSON object, got {text!r}")
     return value
-
-
-def _write_widened(args: argparse.Namespace, inputs: dict[str, str], res: MergeResult, config: dict) -> None:
-    """The wider model has other shapes than the inputs: write it with its architecture description,
-    all or nothing (safetensors written directly: the widened tensors are fresh, never shared)."""
-
-    files = {
-        "model.safetensors": safetensors_writer(res.model.state_dict()),
-        "spec.json": text_writer(res.spec.to_json()),
-        "architecture.json": text_writer(json.dumps(res.architecture, indent=1) + "\n"),
-    }
-    for i, perm in enumerate(res.permutations):
-        files[f"permutation_{i}.safetensors"] = permutation_writer(perm)
-    write_files(args.out, files, force=args.force, inputs=inputs, command=sys.argv, config=config, report=res.report)
-    write_report(args.out)

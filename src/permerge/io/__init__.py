@@ -1,7 +1,11 @@
-"""Checkpoint I/O: read state dicts (safetensors, torch pickles, Hugging Face directories, lazily or
-whole) and write them, permutations and provenance atomically without touching the inputs."""
+"""Checkpoint I/O, split by direction: ``read`` (state dicts and lazy tensor sources from files,
+directories and memory, with or without mmap), ``write`` (atomic files, permutations, provenance,
+the planned sharded writer) and ``outputs`` (result directories claimed before work and written all
+or nothing: the pipeline's sinks)."""
 
+from permerge.io.outputs import OutputDir, write_files, write_result
 from permerge.io.read import (
+    MemorySource,
     TensorSource,
     checkpoint_hashes,
     file_sha256,
@@ -20,6 +24,8 @@ from permerge.io.write import (
 )
 
 __all__ = [
+    "MemorySource",
+    "OutputDir",
     "TensorSource",
     "atomic_path",
     "atomic_write",
@@ -32,5 +38,7 @@ __all__ = [
     "prepare_output_dir",
     "save_permutation",
     "save_state_dict",
+    "write_files",
     "write_provenance",
+    "write_result",
 ]

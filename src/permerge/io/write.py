@@ -1,7 +1,14 @@
-"""Write state dicts, permutations and provenance: atomically, and never over an input.
+"""Write state dicts, permutations, provenance and planned sharded checkpoints: atomically, and
+never over an input.
 
 Every file is written to a temporary name beside its destination and renamed into place only once
 complete, so an interrupted run leaves either the old file or the new one, never a partial one.
+Whole result directories are assembled the same way by :mod:`permerge.io.outputs`.
+
+Example:
+    >>> with open_checkpoint("b_model_dir", mmap=False) as src:  # doctest: +SKIP
+    ...     for shard in plan_write(src, spec, max_shard_size="2GB"):
+    ...         write_shard(out / shard.name, shard, permuted_producer(src, perm))
 """
 
 from __future__ import annotations
@@ -12,9 +19,12 @@ import logging
 import math
 import os
 import platform
+import re
 import secrets
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
@@ -25,27 +35,40 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from permerge.apply import permute_tensor
 from permerge.errors import PermergeIOError
-from permerge.io.read import StrPath, checkpoint_hashes, load_state_dict
+from permerge.io.read import _SAFETENSORS_DTYPES, StrPath, TensorSource, checkpoint_hashes, load_state_dict
+from permerge.spec import Axis, PermutationSpec
 
 __all__ = [
+    "INDEX_NAME",
     "PROVENANCE_NAME",
+    "ShardPlan",
+    "WriteJob",
     "atomic_path",
     "atomic_write",
     "check_not_input",
+    "jsonable",
     "load_permutation",
+    "parse_size",
     "permutation_writer",
+    "permuted_producer",
+    "plan_write",
     "safetensors_writer",
+    "shard_index",
     "text_writer",
     "prepare_output_dir",
     "save_permutation",
     "save_state_dict",
     "write_provenance",
+    "write_shard",
 ]
 
 LOG = logging.getLogger(__name__)
 
 PROVENANCE_NAME = "provenance.json"
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPE_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
 # Tensors and arrays up to this many elements are written into provenance as lists; larger ones as shape+dtype.
 _MAX_LISTED = 1024
 
@@ -138,18 +161,18 @@ def save_state_dict(
 
 
 def prepare_output_dir(out: StrPath, *, force: bool, inputs: Iterable[StrPath], create: bool = True) -> Path:
-    """Create the output directory ``out``, refusing one that could clobber results or inputs.
+    """Check that ``out`` can become the output directory (and create it unless ``create=False``).
 
-    Refuses when ``out`` is, or contains, an input; or when it exists and is not empty, unless
-    ``force``. With ``force`` nothing is deleted: files permerge writes replace their namesakes
-    atomically, everything else in ``out`` is kept. ``create=False`` only checks (call it before
-    long work, so a bad output path fails fast).
+    Refuses when ``out`` is, contains or lies inside an input; when it exists and is not a
+    directory; or when it is a non-empty directory, unless ``force`` (whose whole content the
+    result then replaces: see :class:`~permerge.io.outputs.OutputDir`). Cheap: call it before long work.
     """
     out = Path(out)
     resolved = out.resolve()
     for p in map(Path, inputs):
-        if p.resolve() == resolved or p.resolve().is_relative_to(resolved):
-            relation = "is" if p.resolve() == resolved else "contains"
+        rp = p.resolve()
+        if rp == resolved or rp.is_relative_to(resolved) or (p.is_dir() and resolved.is_relative_to(rp)):
+            relation = "is" if rp == resolved else "contains" if rp.is_relative_to(resolved) else "is inside"
             raise PermergeIOError(
                 f"output directory {out} {relation} input {p}; choose an output directory outside the inputs"
             )
@@ -160,11 +183,8 @@ def prepare_output_dir(out: StrPath, *, force: bool, inputs: Iterable[StrPath], 
         if existing and not force:
             raise PermergeIOError(
                 f"output directory {out} is not empty ({len(existing)} entries, e.g. {', '.join(existing[:3])}); "
-                "choose a new directory, or pass force=True (--force) to write into it: files permerge writes "
-                "are replaced, all others are kept"
+                "choose a new directory, or pass force=True (--force) to replace it and everything in it"
             )
-        if existing:
-            LOG.warning("writing into non-empty %s (force): its %d existing entries are kept", out, len(existing))
     if create:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -192,11 +212,11 @@ def write_provenance(
         "platform": platform.platform(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if isinstance(command, str) else [str(c) for c in command],
-        "config": _jsonable(config, "config"),
+        "config": jsonable(config, "config"),
         "inputs": {
             name: {"path": str(Path(p).resolve()), "sha256": checkpoint_hashes(p)} for name, p in inputs.items()
         },
-        "report": _jsonable(report, "report"),
+        "report": jsonable(report, "report"),
     }
     text = json.dumps(record, indent=2) + "\n"
     return atomic_write(Path(out_dir) / PROVENANCE_NAME, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -308,27 +328,180 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-def _jsonable(obj: Any, where: str) -> Any:
-    """``obj`` as plain JSON values; ``where`` names it in the warning for unknown types."""
+def jsonable(obj: Any, where: str = "report") -> Any:
+    """``obj`` as plain JSON values (reports, configs); ``where`` names it in the warning for unknown types."""
     if isinstance(obj, Enum):
-        return _jsonable(obj.value, where)
+        return jsonable(obj.value, where)
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    if isinstance(obj, (PurePath, torch.dtype, torch.device)):
+    if isinstance(obj, (PurePath, torch.dtype, torch.device, BaseException)):
         return str(obj)
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item(), where)
+        return jsonable(obj.item(), where)
     if isinstance(obj, (torch.Tensor, np.ndarray)):
         if math.prod(obj.shape) > _MAX_LISTED:
             return {"shape": list(obj.shape), "dtype": str(obj.dtype)}
-        return _jsonable(obj.tolist(), where)
+        return jsonable(obj.tolist(), where)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
+        return {f.name: jsonable(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+        return {str(k): jsonable(v, f"{where}.{k}") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, (set, frozenset)):
-        return sorted((_jsonable(v, where) for v in obj), key=repr)
+        return sorted((jsonable(v, where) for v in obj), key=repr)
     LOG.warning("provenance: %s is a %s, which JSON cannot hold; storing its repr", where, type(obj).__name__)
     return repr(obj)
+
+
+# -- the planned writer (checkpoints larger than RAM) ------------------------------------------
+#
+# plan_write turns "permute every tensor of B and write it" into per-shard lists of WriteJob ("load
+# key K, permute these axes, cast to D") from names, shapes and dtypes alone; write_shard then writes
+# one safetensors file tensor by tensor: the header is known from the plan, so each tensor is
+# produced, written and freed before the next one is read. Peak memory is one tensor (plus its
+# permuted and cast copies), not one shard.
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """Write tensor ``key``: read it, permute ``axes`` (``(group, Axis)`` pairs), cast to ``dtype``."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    axes: tuple[tuple[str, Axis], ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output safetensors file: its name and its tensors in the order they are written."""
+
+    name: str
+    jobs: tuple[WriteJob, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` → 5·10⁹, ``"500MiB"`` → 500·2²⁰, ``1000`` → 1000 (Hugging Face's convention)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise PermergeIOError(f"cannot read size {size!r}; write e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def plan_write(
+    source: TensorSource,
+    spec: PermutationSpec,
+    *,
+    out_dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    prefix: str = "model",
+) -> tuple[ShardPlan, ...]:
+    """Plan writing every tensor of ``source`` permuted by ``spec``'s groups, split into shards.
+
+    Tensors keep the source's order and dtype (floating tensors become ``out_dtype`` when given) and
+    are packed greedily into shards of at most ``max_shard_size`` bytes (a bigger tensor gets a shard
+    of its own). One shard is named ``{prefix}.safetensors``; several are
+    ``{prefix}-00001-of-0000N.safetensors``, as ``transformers`` names them.
+    """
+    limit = parse_size(max_shard_size)
+    groups: list[list[WriteJob]] = [[]]
+    used = 0
+    for key in source.keys():  # noqa: SIM118 (a TensorSource is not iterable)
+        dtype = source.dtype(key)
+        if out_dtype is not None and dtype.is_floating_point:
+            dtype = out_dtype
+        job = WriteJob(key, tuple(source.shape(key)), dtype, spec.axes_of(key))
+        if groups[-1] and used + job.nbytes > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(job)
+        used += job.nbytes
+    n = len(groups)
+    names = (
+        [f"{prefix}.safetensors"]
+        if n == 1
+        else [f"{prefix}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    )
+    return tuple(ShardPlan(name, tuple(jobs)) for name, jobs in zip(names, groups, strict=True))
+
+
+def shard_index(shards: tuple[ShardPlan, ...]) -> dict[str, object]:
+    """The ``model.safetensors.index.json`` content for ``shards`` (as ``transformers`` writes it)."""
+    return {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {j.key: s.name for s in shards for j in s.jobs},
+    }
+
+
+def permuted_producer(
+    source: TensorSource, perm: Mapping[str, torch.Tensor]
+) -> Callable[[WriteJob], torch.Tensor]:
+    """``job → source[job.key]`` permuted along ``job.axes`` and cast to ``job.dtype`` (one tensor)."""
+
+    def produce(job: WriteJob) -> torch.Tensor:
+        t = source.get(job.key)
+        if job.axes:
+            t = permute_tensor(t, job.axes, perm)
+        return t.to(job.dtype)
+
+    return produce
+
+
+def write_shard(
+    path: StrPath,
+    shard: ShardPlan,
+    produce: Callable[[WriteJob], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``shard`` to ``path`` as safetensors, calling ``produce(job)`` for one tensor at a time.
+
+    The header comes from the plan, so nothing is buffered: each tensor is written and dropped before
+    the next is produced. The file is what ``safetensors.torch.save_file`` would accept on reading
+    (``{"format": "pt"}`` metadata, which ``transformers`` requires). Not atomic by itself: write to a
+    temporary name (see :func:`~permerge.io.write.atomic_write`).
+    """
+    path = Path(path)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    for job in shard.jobs:
+        if job.dtype not in _DTYPE_NAMES:
+            raise PermergeIOError(f"cannot write {job.key!r} to {path}: safetensors has no dtype {job.dtype}")
+        header[job.key] = {
+            "dtype": _DTYPE_NAMES[job.dtype],
+            "shape": list(job.shape),
+            "data_offsets": [offset, offset + job.nbytes],
+        }
+        offset += job.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for job in shard.jobs:
+            t = produce(job)
+            if tuple(t.shape) != job.shape or t.dtype != job.dtype:
+                raise PermergeIOError(
+                    f"cannot write {job.key!r} to {path}: planned {job.shape} {job.dtype}, got {tuple(t.shape)} {t.dtype}"
+                )
+            f.write(_tensor_bytes(t))
+            del t
+    LOG.debug("wrote %s: %d tensors, %d bytes", path, len(shard.jobs), offset)
+    return path
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of ``t`` (CPU, contiguous) without another copy where possible."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())

@@ -86,7 +86,8 @@ def ste_matching(
         detached = {k: v.detach() for k, v in tilde.items()}
         perm = _project(param_spec, detached, sd_b, trainable, perm)
         projected = apply_permutation(spec, perm, sd_b)
-        mid = {k: 0.5 * (sd_a[k] + projected[k]) if sd_a[k].is_floating_point() else sd_a[k] for k in sd_a}
+        # integer buffers are copies: BatchNorm in train mode increments num_batches_tracked in place
+        mid = {k: 0.5 * (sd_a[k] + projected[k]) if sd_a[k].is_floating_point() else sd_a[k].clone() for k in sd_a}
         for k in trainable:  # value of π(θ_B), gradient of θ̃
             mid[k] = 0.5 * (sd_a[k] + projected[k] + (tilde[k] - tilde[k].detach()))
         loss = loss_fn(logits(functional_call(net, mid, (x,))), y)

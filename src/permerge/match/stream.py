@@ -27,6 +27,7 @@ from types import MappingProxyType
 import torch
 
 from permerge.apply import permute_tensor
+from permerge.check import all_finite, check_compatible
 from permerge.errors import StateDictMismatchError
 from permerge.io.read import TensorSource
 from permerge.match import lap
@@ -66,7 +67,7 @@ def stream_weight_matching(
 
     Args:
         spec: the groups to permute; its keys must be in both sources (same shapes).
-        a, b: lazy tensor sources (:func:`~permerge.io.stream.open_unmapped` keeps RSS bounded);
+        a, b: lazy tensor sources (``open_checkpoint(path, mmap=False)`` keeps RSS bounded);
             neither is modified.
         seed, max_sweeps, init, backend, tol, quiet: as for ``weight_matching``.
         device: where the cost matmuls run (e.g. ``"cuda"``); tensors are moved there one at a time,
@@ -78,12 +79,12 @@ def stream_weight_matching(
         A :class:`~permerge.match.weight.WeightMatchingResult`.
 
     Example:
-        >>> from permerge.io.stream import open_unmapped
-        >>> with open_unmapped("a_dir") as a, open_unmapped("b_dir") as b:  # doctest: +SKIP
+        >>> from permerge.io.read import open_checkpoint
+        >>> with open_checkpoint("a_dir", mmap=False) as a, open_checkpoint("b_dir", mmap=False) as b:  # doctest: +SKIP
         ...     res = stream_weight_matching(spec, a, b, workers=8)
     """
     start = time.perf_counter()
-    _validate(spec, a, b)
+    check_compatible([a, b], [f"A ({a.name})", f"B ({b.name})"], spec=spec)  # headers only; values as read
     backend = lap.resolve_backend(backend)
     workers = resolve_workers(workers)
     dev = torch.device("cpu" if device is None else device)
@@ -134,9 +135,9 @@ class _Lazy(Mapping[str, torch.Tensor]):
             return self._last[1]
         self._last = None  # drop the previous tensor before reading the next
         t = self.source.get(key).to(self.dev)
-        if self.check and t.is_floating_point() and not torch.isfinite(t).all():
+        if self.check and not all_finite(t):
             raise StateDictMismatchError(
-                f"non-finite (NaN or inf) weights in {self.source.path}[{key!r}]; fix or drop that checkpoint before matching"
+                f"non-finite (NaN or inf) weights in {self.source.name}[{key!r}]; fix or drop that checkpoint before matching"
             )
         if self.perm is not None:
             t = permute_tensor(t, self.spec.axes_of(key), self.perm)
@@ -202,23 +203,3 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t)
     return host
-
-
-def _validate(spec: PermutationSpec, a: TensorSource, b: TensorSource) -> None:
-    """Raise before any tensor is read unless A and B hold the same keys and shapes (from headers)."""
-    only_a, only_b = sorted(set(a.keys()) - set(b.keys())), sorted(set(b.keys()) - set(a.keys()))
-    if only_a or only_b:
-        raise StateDictMismatchError(
-            f"checkpoints have different keys: only in A {only_a[:10]}, only in B {only_b[:10]}; "
-            "weight matching needs two models of the same architecture"
-        )
-    keys = a.keys()  # a TensorSource is not iterable
-    shapes = sorted(
-        f"{k}: {tuple(a.shape(k))} vs {tuple(b.shape(k))}" for k in keys if a.shape(k) != b.shape(k)
-    )
-    if shapes:
-        raise StateDictMismatchError(
-            f"checkpoints have different shapes: {shapes[:10]}; weight matching needs two models of the same "
-            "architecture and size"
-        )
-    spec.validate({k: a.shape(k) for k in spec.keys if k in a})

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from permerge.apply import axis_index, permute_tensor
-from permerge.errors import StateDictMismatchError
+from permerge.check import check_compatible
 from permerge.match import lap
 from permerge.permutation import Permutation, check_permutation, identity
 from permerge.spec import Axis, Group, PermutationSpec
@@ -456,29 +456,6 @@ def _objectives(
 
 
 def _validate(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> None:
-    """Raise :class:`StateDictMismatchError` (or ``SpecError``) before any work is done."""
-    only_a, only_b = sorted(set(sd_a) - set(sd_b)), sorted(set(sd_b) - set(sd_a))
-    if only_a or only_b:
-        raise StateDictMismatchError(
-            f"state dicts have different keys: only in A {only_a[:10]}, only in B {only_b[:10]}; "
-            "weight matching needs two models of the same architecture"
-        )
-    shapes = sorted(
-        f"{k}: {tuple(sd_a[k].shape)} vs {tuple(sd_b[k].shape)}" for k in sd_a if sd_a[k].shape != sd_b[k].shape
-    )
-    if shapes:
-        raise StateDictMismatchError(
-            f"state dicts have different shapes: {shapes[:10]}; weight matching needs two models "
-            "of the same architecture and size"
-        )
-    spec.validate(sd_a)
-    bad = sorted(
-        f"{name}[{k!r}]"
-        for name, sd in (("A", sd_a), ("B", sd_b))
-        for k in spec.keys
-        if sd[k].is_floating_point() and not torch.isfinite(sd[k]).all()
-    )
-    if bad:
-        raise StateDictMismatchError(
-            f"non-finite (NaN or inf) weights in {bad[:10]}; fix or drop those checkpoints before matching"
-        )
+    """Raise before any work is done (:func:`permerge.check.check_compatible`; values: the spec's tensors)."""
+    check_compatible([sd_a, sd_b], ["A", "B"], spec=spec, finite=False)
+    check_compatible([{k: sd_a[k] for k in spec.keys}, {k: sd_b[k] for k in spec.keys}], ["A", "B"])

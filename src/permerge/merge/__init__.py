@@ -1,39 +1,59 @@
-"""Merging aligned models: weighted interpolation of state dicts (and MergeMany in ``many.py``)."""
+"""Merging aligned models: weighted interpolation of state dicts (MergeMany in ``many.py``, partial
+merging in ``partial.py``, PLeaS in ``pleas.py``, the ``permerge merge`` entry point in ``combine.py``).
+
+This subpackage is also callable: ``permerge.merge(models, weights)`` is :func:`merge`, so the short
+public spelling and ``import permerge.merge.partial`` both work (a function re-exported under the
+subpackage's name used to hide the subpackage).
+"""
 
 from __future__ import annotations
 
 import copy
+import math
+import sys
+import types
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from permerge.errors import StateDictMismatchError
+from permerge.check import check_compatible
+from permerge.errors import PermergeError
 
-__all__ = ["check_same_architecture", "interpolate", "merge", "state_dict_of"]
+__all__ = ["MergeWeightsError", "check_merge_weights", "check_same_architecture", "interpolate", "merge", "state_dict_of"]
+
 
 def state_dict_of(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(model.state_dict()) if isinstance(model, nn.Module) else dict(model)
 
 
 def check_same_architecture(sds: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str] | None = None) -> None:
-    """Raise :class:`StateDictMismatchError` naming keys, shapes or dtypes that differ."""
-    names = list(names or [f"model {i}" for i in range(len(sds))])
-    ref = sds[0]
-    for name, sd in zip(names[1:], sds[1:]):
-        only_a, only_b = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-        if only_a or only_b:
-            raise StateDictMismatchError(
-                f"{names[0]} and {name} have different keys: only in {names[0]} {only_a[:10]}, "
-                f"only in {name} {only_b[:10]}; they must share one architecture"
-            )
-        shapes = sorted(k for k in ref if tuple(ref[k].shape) != tuple(sd[k].shape))
-        if shapes:
-            k = shapes[0]
-            raise StateDictMismatchError(
-                f"{names[0]} and {name} differ in shape at {len(shapes)} tensors, e.g. {k!r}: "
-                f"{tuple(ref[k].shape)} vs {tuple(sd[k].shape)}"
-            )
+    """Raise :class:`~permerge.errors.StateDictMismatchError` naming keys or shapes that differ
+    (:func:`permerge.check.check_compatible` on keys and shapes only)."""
+    check_compatible(sds, list(names or [f"model {i}" for i in range(len(sds))]), finite=False)
+
+
+class MergeWeightsError(PermergeError, ValueError):
+    """Merge weights that are not a convex combination (names the fix)."""
+
+
+def check_merge_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """``weights`` as floats (uniform when ``None``), raising unless there are ``n`` of them, each finite
+    and in [0, 1], summing to 1 (within 1e-6): NaN weights would write an all-NaN model."""
+    if n < 1:
+        raise MergeWeightsError("merge needs at least one model")
+    if weights is None:
+        return [1.0 / n] * n
+    try:
+        ws = [float(w) for w in weights]
+    except (TypeError, ValueError) as e:
+        raise MergeWeightsError(f"merge weights must be numbers, got {list(weights)!r}") from e
+    if len(ws) != n:
+        raise MergeWeightsError(f"got {len(ws)} weights for {n} models")
+    if not all(math.isfinite(w) and 0.0 <= w <= 1.0 for w in ws) or abs(math.fsum(ws) - 1.0) > 1e-6:
+        raise MergeWeightsError(f"weights must be finite, in [0, 1] and sum to 1, got {ws}")
+    return ws
 
 
 def merge(
@@ -41,23 +61,18 @@ def merge(
 ) -> nn.Module | dict[str, torch.Tensor]:
     """Weighted average of (already aligned) models: ``Σ wᵢ θᵢ`` with ``Σ wᵢ = 1``.
 
-    Floating-point tensors are averaged in float32 and cast back to their dtype; integer tensors
-    (e.g. BatchNorm's ``num_batches_tracked``) are taken from the first model. Returns a new
-    module (a copy of the first) if modules were given, else a state dict. Inputs are untouched.
+    Floating-point tensors are averaged in float32 and cast back to the first model's dtype; integer
+    and boolean tensors (e.g. BatchNorm's ``num_batches_tracked``) are copied from the first model.
+    Returns a new module (a copy of the first) if modules were given, else a state dict. Inputs
+    are untouched.
     """
-    if len(models) < 1:
-        raise ValueError("merge needs at least one model")
-    weights = [1.0 / len(models)] * len(models) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(models):
-        raise ValueError(f"got {len(weights)} weights for {len(models)} models")
-    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
-        raise ValueError(f"weights must be non-negative and sum to 1, got {weights}")
+    ws = check_merge_weights(weights, len(models))
     sds = [state_dict_of(m) for m in models]
-    check_same_architecture(sds)
+    check_compatible(sds, [f"model {i}" for i in range(len(sds))], finite=True)
     out = {}
     for k, ref in sds[0].items():
         if ref.is_floating_point():
-            acc = sum(w * sd[k].float() for w, sd in zip(weights, sds))
+            acc = sum(w * sd[k].float() for w, sd in zip(ws, sds))
             out[k] = acc.to(ref.dtype)  # type: ignore[union-attr]
         else:
             out[k] = ref.clone()
@@ -71,5 +86,16 @@ def merge(
 def interpolate(
     a: nn.Module | Mapping[str, torch.Tensor], b: nn.Module | Mapping[str, torch.Tensor], alpha: float
 ) -> nn.Module | dict[str, torch.Tensor]:
-    """``(1 - alpha)·A + alpha·B`` (the straight line of Git Re-Basin's barrier plots)."""
+    """``(1 - alpha)·A + alpha·B`` for ``alpha`` in [0, 1] (the straight line of Git Re-Basin's barrier plots)."""
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise MergeWeightsError(f"alpha must be finite and in [0, 1], got {alpha}")
     return merge([a, b], [1.0 - alpha, alpha])
+
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module | dict[str, torch.Tensor]:
+        return merge(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

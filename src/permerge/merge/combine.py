@@ -1,28 +1,34 @@
-"""merge_models(): the one entry point behind ``permerge merge`` — align N models, then average
-(or, for two models, merge them partially within a width budget, optionally refitted by PLeaS)."""
+"""merge_models(): the pipeline (:mod:`permerge.pipeline`) behind ``permerge merge`` — validate, align
+N models (or two, partially within a width budget, optionally refitted by PLeaS), check that every
+permutation applied keeps its model's function, merge.
+
+Methods live in :data:`METHODS` (name → function), so a new one is one function and one entry.
+"""
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from permerge.align import align
+from permerge.check import PreservationReport, check_compatible, check_function_preserved
+from permerge.errors import PermergeError
 from permerge.graph import trace
 from permerge.match import activation_matching, weight_matching
-from permerge.merge import merge
+from permerge.merge import check_merge_weights, merge
 from permerge.merge.many import merge_many
 from permerge.merge.partial import Budget, partial_merge
 from permerge.merge.pleas import pleas
-from permerge.permutation import Permutation, identity
+from permerge.permutation import Permutation, identity, is_identity
+from permerge.pipeline import positive
 from permerge.spec import PermutationSpec
 
-__all__ = ["METHODS", "MergeResult", "merge_models"]
-
-METHODS = ("weight", "many", "average", "partial", "pleas")
+__all__ = ["METHODS", "MergeRequest", "MergeResult", "check_merge_request", "merge_models"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,145 @@ class MergeResult:
     spec: PermutationSpec
     report: dict[str, Any] = field(default_factory=dict)
     architecture: Mapping[str, Any] | None = None  # widths per group etc. (partial, pleas): the model is wider
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """Everything a merge method may use; each takes what it needs."""
+
+    models: Sequence[nn.Module]
+    example_inputs: Any
+    weights: Sequence[float] | None
+    spec: PermutationSpec | None
+    example_kwargs: Mapping[str, Any] | None
+    seed: int
+    budget: Budget
+    data: Iterable[Any] | None
+    keep_heads: bool
+    options: Mapping[str, Any]
+    quiet: bool
+
+
+@dataclass(frozen=True)
+class _Merged:
+    model: nn.Module
+    permutations: tuple[Permutation, ...]
+    spec: PermutationSpec
+    report: dict[str, Any]
+    architecture: Mapping[str, Any] | None = None
+
+
+def _spec(req: MergeRequest) -> PermutationSpec:
+    if req.spec is not None:
+        req.spec.validate(req.models[0].state_dict())
+        return req.spec
+    return trace(req.models[0], req.example_inputs, example_kwargs=req.example_kwargs)
+
+
+def _weight(req: MergeRequest) -> _Merged:
+    spec = _spec(req)
+    # check=False: merge_models checks every model's permutation, this one's included, after merging
+    aligned = [align(req.models[0], m, req.example_inputs, spec=spec, example_kwargs=req.example_kwargs, seed=req.seed,
+                     check=False, quiet=req.quiet) for m in req.models[1:]]  # fmt: skip
+    merged = merge([req.models[0], *(a.model for a in aligned)], req.weights)
+    perms = (identity(spec), *(a.permutation for a in aligned))
+    return _Merged(merged, perms, spec, {"alignments": [a.report for a in aligned]})  # type: ignore[arg-type]
+
+
+def _many(req: MergeRequest) -> _Merged:
+    spec = _spec(req)
+    res = merge_many(req.models, spec=spec, seed=req.seed)
+    return _Merged(res.merged, res.permutations, spec, {"rounds": res.rounds, "converged": res.converged})  # type: ignore[arg-type]
+
+
+def _average(req: MergeRequest) -> _Merged:
+    spec = _spec(req)
+    return _Merged(merge(list(req.models), req.weights), (), spec, {})  # type: ignore[arg-type]
+
+
+def _partial(req: MergeRequest) -> _Merged:
+    a, b = req.models
+    report: dict[str, Any] = {"budget": req.budget, "keep_heads": req.keep_heads}
+    spec = _spec(req)
+    if req.data is not None:
+        am = activation_matching(a, b, spec, req.data, example_kwargs=req.example_kwargs, return_costs=True, quiet=req.quiet)
+        perm, costs, report["matching"] = am.permutation, am.costs, "activation"
+    else:
+        perm = weight_matching(spec, a.state_dict(), b.state_dict(), seed=req.seed).permutation
+        costs, report["matching"] = None, "weight (pairs kept apart by weight similarity)"
+    part = partial_merge(spec, a, b, perm, costs, req.budget, keep_heads=req.keep_heads,
+                         example_inputs=req.example_inputs, example_kwargs=req.example_kwargs)  # fmt: skip
+    report.update(widths=dict(part.widths), notes=list(part.notes))
+    return _Merged(part.model, (identity(part.spec), part.permutation), part.spec, report, part.architecture())
+
+
+def _pleas(req: MergeRequest) -> _Merged:
+    a, b = req.models
+    res = pleas(a, b, req.data, budget=req.budget, keep_heads=req.keep_heads, spec=req.spec,  # type: ignore[arg-type]
+                example_kwargs=req.example_kwargs, seed=req.seed, quiet=req.quiet, **req.options)  # fmt: skip
+    part = res.partial
+    report = {
+        "budget": req.budget, "keep_heads": req.keep_heads, "widths": dict(part.widths), "notes": list(part.notes),
+        "complete": res.complete, "skipped": dict(res.skipped), "timing_s": dict(res.timing),
+        "layers": [{"weight": f.weight, "before": f.before, "after": f.after} for f in res.layers],
+    }  # fmt: skip
+    return _Merged(res.model, (identity(part.spec), part.permutation), part.spec, report, res.architecture())
+
+
+METHODS: dict[str, Callable[[MergeRequest], _Merged]] = {
+    "weight": _weight,
+    "many": _many,
+    "average": _average,
+    "partial": _partial,
+    "pleas": _pleas,
+}
+"""Merge method name → function. ``weight``: weight-match every model to the first, then average
+with ``weights``; ``many``: MergeMany (align each to the mean of the others until stable), uniform;
+``average``: no alignment (the naive baseline); ``partial`` (2 models): align B to A (activation
+matching on ``data``, else weight matching) and merge partially within ``budget``; ``pleas`` (2
+models, needs ``data``): PLeaS. The last two return a wider model and its ``architecture``."""
+
+_TWO_MODELS = frozenset({"partial", "pleas"})
+_UNIFORM = frozenset({"many", "partial", "pleas"})
+
+
+def check_merge_request(method: str, n_models: int, *, weights: Sequence[float] | None, budget: Budget,
+                        data: Iterable[Any] | None = None, has_data: bool | None = None) -> None:  # fmt: skip
+    """Everything about a merge checkable before loading or tracing a model: the method, the number
+    of models, the weights (finite, in [0, 1], summing to 1), the budget, the data requirement."""
+    if method not in METHODS:
+        raise PermergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if n_models < 2:
+        raise PermergeError(f"merging needs at least 2 models, got {n_models}")
+    if method in _TWO_MODELS and n_models != 2:
+        raise PermergeError(f"--method {method} merges exactly two models, got {n_models}")
+    if weights is not None and method in _UNIFORM:
+        raise PermergeError(f"--method {method} averages matched units equally; drop --weights (or use --method weight)")
+    check_merge_weights(weights, n_models)
+    if method in _TWO_MODELS:
+        ratios = budget.values() if isinstance(budget, Mapping) else [budget]
+        for r in ratios:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 1.0 <= r <= 2.0):
+                raise PermergeError(f"budget ratios must be numbers in [1, 2], got {r!r}")
+    if method == "pleas" and not (has_data if has_data is not None else data is not None):
+        raise PermergeError("PLeaS needs unlabeled data: pass data=... (--data package.module:function)")
+
+
+def check_permutations(models: Sequence[nn.Module], result: _Merged, example_inputs: Any,
+                       example_kwargs: Mapping[str, Any] | None, tol: float, seed: int) -> list[PreservationReport | None]:  # fmt: skip
+    """Every model's permutation into the merged basis must keep that model's function (the merge
+    itself changes the function on purpose; the permutations must not). ``None``: nothing moved."""
+    reports: list[PreservationReport | None] = []
+    for i, (model, perm) in enumerate(zip(models, result.permutations)):
+        if is_identity(perm):
+            reports.append(None)
+            continue
+        try:
+            reports.append(check_function_preserved(model, result.spec, example_inputs, perm,
+                                                    example_kwargs=example_kwargs, tol=tol, seed=seed))  # fmt: skip
+        except PermergeError as e:
+            raise type(e)(f"model {i}: {e}") from e
+    return reports
 
 
 def merge_models(
@@ -48,83 +193,37 @@ def merge_models(
     keep_heads: bool = False,
     pleas_options: Mapping[str, Any] | None = None,
     quiet: bool = False,
+    tol: float = 1e-4,
 ) -> MergeResult:
-    """Merge 2+ models of one architecture.
+    """Merge 2+ models of one architecture with one of :data:`METHODS`.
 
-    ``"weight"``: weight-match every model to the first, then average with ``weights``;
-    ``"many"``: MergeMany (align each to the mean of the others until stable), uniform average;
-    ``"average"``: plain weighted average without alignment (the naive baseline);
-    ``"partial"`` (2 models): align B to A (activation matching on ``data``, else weight matching)
-    and merge partially within ``budget`` (:func:`~permerge.merge.partial.partial_merge`);
-    ``"pleas"`` (2 models, needs ``data``): PLeaS (:func:`~permerge.merge.pleas.pleas`, extra
-    arguments in ``pleas_options``). Both return a wider model of the same class and its
-    ``architecture``; ``keep_heads`` keeps both models' outputs (concatenated, A's first).
+    Before any tracing: the request (:func:`check_merge_request`) and the models
+    (:func:`~permerge.check.check_compatible`: one class, keys, shapes, finite weights). After
+    merging: every permutation applied must keep its model's function
+    (:func:`~permerge.check.check_function_preserved`, eval and train mode, two batch sizes), or
+    :class:`~permerge.errors.FunctionNotPreservedError` is raised; the largest error is
+    ``report["function_preservation_error"]`` (0.0 when nothing was permuted). ``keep_heads``
+    (partial, pleas) keeps both models' outputs (concatenated, A's first).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    if len(models) < 2:
-        raise ValueError(f"merging needs at least 2 models, got {len(models)}")
     start = time.perf_counter()
-    if method in ("partial", "pleas"):
-        return _budgeted(models, example_inputs, method, weights=weights, spec=spec, example_kwargs=example_kwargs,
-                         seed=seed, budget=budget, data=data, keep_heads=keep_heads, options=pleas_options or {},
-                         quiet=quiet)  # fmt: skip
-    spec = spec or trace(models[0], example_inputs, example_kwargs=example_kwargs)
-    report: dict[str, Any] = {"method": method, "models": len(models), "groups": len(spec.groups)}
-    if method == "many":
-        if weights is not None:
-            raise ValueError("MergeMany averages uniformly; drop --weights or use --method weight")
-        res = merge_many(models, spec=spec, seed=seed)
-        report.update(rounds=res.rounds, converged=res.converged)
-        merged, perms = res.merged, res.permutations
-    elif method == "weight":
-        aligned = [align(models[0], m, example_inputs, spec=spec, example_kwargs=example_kwargs, seed=seed, quiet=quiet)
-                   for m in models[1:]]  # fmt: skip
-        report["alignments"] = [a.report for a in aligned]
-        merged = merge([models[0], *(a.model for a in aligned)], weights)
-        perms = (identity(spec), *(a.permutation for a in aligned))
-    else:
-        merged = merge(list(models), weights)
-        perms = ()  # nothing was permuted
+    check_merge_request(method, len(models), weights=weights, budget=budget, data=data)
+    positive("tol", tol)
+    check_compatible(models, [f"model {i}" for i in range(len(models))])
+    req = MergeRequest(models, example_inputs, weights, spec, example_kwargs, seed, budget, data, keep_heads,
+                       pleas_options or {}, quiet)  # fmt: skip
+    res = METHODS[method](req)
+    checks = check_permutations(models, res, example_inputs, example_kwargs, tol, seed)
+    errors = [r.relative_error for r in checks if r is not None]
+    report: dict[str, Any] = {
+        "method": method,
+        "models": len(models),
+        "groups": len(res.spec.groups),
+        **res.report,
+        "function_preservation_error": max(errors, default=0.0),
+        "function_checks": [None if r is None else {"relative_error": r.relative_error, "runs": list(r.runs),
+                                                    "skipped": list(r.skipped)} for r in checks],  # fmt: skip
+    }
+    if res.architecture is not None:
+        report["parameters"] = sum(p.numel() for p in res.model.parameters())
     report["seconds"] = time.perf_counter() - start
-    return MergeResult(merged, tuple(perms), spec, report)  # type: ignore[arg-type]
-
-
-def _budgeted(models: Sequence[nn.Module], example_inputs: Any, method: str, *, weights: Sequence[float] | None,
-              spec: PermutationSpec | None, example_kwargs: Mapping[str, Any] | None, seed: int, budget: Budget,
-              data: Iterable[Any] | None, keep_heads: bool, options: Mapping[str, Any], quiet: bool) -> MergeResult:  # fmt: skip
-    """Partial merging and PLeaS: two models, one (widened) result."""
-    if len(models) != 2:
-        raise ValueError(f"--method {method} merges exactly two models, got {len(models)}")
-    if weights is not None:
-        raise ValueError(f"--method {method} averages matched units equally; drop --weights")
-    start = time.perf_counter()
-    a, b = models
-    report: dict[str, Any] = {"method": method, "models": 2, "budget": budget, "keep_heads": keep_heads}
-    if method == "pleas":
-        if data is None:
-            raise ValueError("PLeaS needs unlabeled data: pass --data package.module:function")
-        res = pleas(a, b, data, budget=budget, keep_heads=keep_heads, spec=spec, example_kwargs=example_kwargs,
-                    seed=seed, quiet=quiet, **options)  # fmt: skip
-        report.update(
-            complete=res.complete, skipped=dict(res.skipped), timing_s=dict(res.timing),
-            layers=[{"weight": f.weight, "before": f.before, "after": f.after} for f in res.layers],
-        )  # fmt: skip
-        model, part, arch = res.model, res.partial, res.architecture()
-    else:
-        if spec is None:
-            spec = trace(a, example_inputs, example_kwargs=example_kwargs)
-        else:
-            spec.validate(a.state_dict())
-        if data is not None:
-            am = activation_matching(a, b, spec, data, example_kwargs=example_kwargs, return_costs=True, quiet=quiet)
-            perm, costs, report["matching"] = am.permutation, am.costs, "activation"
-        else:
-            perm = weight_matching(spec, a.state_dict(), b.state_dict(), seed=seed).permutation
-            costs, report["matching"] = None, "weight (pairs kept apart by weight similarity)"
-        part = partial_merge(spec, a, b, perm, costs, budget, keep_heads=keep_heads,
-                             example_inputs=example_inputs, example_kwargs=example_kwargs)  # fmt: skip
-        model, arch = part.model, part.architecture()
-    report.update(widths=dict(part.widths), parameters=sum(p.numel() for p in model.parameters()), notes=list(part.notes))
-    report["seconds"] = time.perf_counter() - start
-    return MergeResult(model, (identity(part.spec), part.permutation), part.spec, report, arch)
+    return MergeResult(res.model, res.permutations, res.spec, report, res.architecture)

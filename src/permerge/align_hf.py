@@ -29,7 +29,6 @@ from permerge.hf import (
     checkpoint_spec,
     hf_architecture,
     is_hf_dir,
-    on_cpu,
     runtime_buffers,
     sample_inputs,
 )
@@ -83,7 +82,7 @@ def prepare_check(
         spec = checkpoint_spec(traced.spec, arch.model, src_b.keys())
     else:
         spec.validate({k: src_b.shape(k) for k in src_b.keys()})  # noqa: SIM118
-    program = on_cpu(traced.program, runtime_buffers(arch.model))
+    program = traced.program.on("cpu", runtime_buffers(arch.model))
     return spec, StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol, name=name)
 
 

@@ -517,7 +517,7 @@ class StreamedCheck:
     """Function check of B permuted, for checkpoints never held in memory whole.
 
     Runs ``program`` (:func:`permerge.graph.run.run_program`; for a program traced on the meta
-    device see :func:`permerge.hf.on_cpu`) on ``inputs`` twice, with ``source``'s tensors (``key_map``:
+    device see :meth:`permerge.graph.capture.Program.on`) on ``inputs`` twice, with ``source``'s tensors (``key_map``:
     module key → checkpoint key) and with them permuted tensor by tensor; each tensor is read (and
     checked finite) at its use and dropped after, so peak memory is a few tensors and the activations
     of a tiny input. :meth:`reference` (the plain run) can go before matching, so a checkpoint the program
@@ -525,7 +525,7 @@ class StreamedCheck:
     with static shapes in eval mode (see docs/design.md).
 
     Example:
-        >>> check = StreamedCheck(on_cpu(traced.program, buffers), spec, src_b, key_map, inputs)  # doctest: +SKIP
+        >>> check = StreamedCheck(traced.program.on("cpu", buffers), spec, src_b, key_map, inputs)  # doctest: +SKIP
         >>> check.reference(); check.verify(perm).relative_error  # doctest: +SKIP
     """
 

@@ -11,7 +11,7 @@
   :func:`checkpoint_spec` rewrites a traced spec into the checkpoint's keys with it,
   :func:`module_spec` back; :func:`saved_keys` names the keys ``save_pretrained`` would write
   (for a spec saved from a directory that has only ``config.json``).
-* :func:`runtime_buffers`, :func:`on_cpu` and :func:`sample_inputs` make a program traced on the
+* :func:`runtime_buffers` (with :meth:`permerge.graph.capture.Program.on`) and :func:`sample_inputs` make a program traced on the
   meta device runnable on real weights: non-persistent buffers (RoPE's ``inv_freq``) are not in
   checkpoints and are recomputed the way ``from_pretrained`` recomputes them, and device arguments
   recorded in the graph are moved to the CPU.
@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -29,11 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from permerge.check import tied_aliases
 from permerge.errors import PermergeError, PermergeIOError, StateDictMismatchError
-from permerge.graph.capture import Program
 from permerge.io.read import StrPath
 from permerge.models import ModelRef
 from permerge.spec import PermutationSpec
@@ -48,7 +45,6 @@ __all__ = [
     "hf_architecture",
     "is_hf_dir",
     "module_spec",
-    "on_cpu",
     "rename_spec",
     "runtime_buffers",
     "sample_inputs",
@@ -302,25 +298,6 @@ def runtime_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
         finally:
             mod._buffers.update(saved)
     return out
-
-
-def on_cpu(program: Program, constants: Mapping[str, torch.Tensor]) -> Program:
-    """``program`` (traced on the meta device) made runnable on the CPU: device arguments baked into
-    the graph (``arange(..., device="meta")``) moved to the CPU, and ``constants`` (non-persistent
-    buffers from :func:`runtime_buffers`) in place of the meta ones. A copy: traced programs are cached."""
-    module = copy.deepcopy(program.module)
-    cpu = torch.device("cpu")
-
-    def move(x: Any) -> Any:
-        return cpu if isinstance(x, torch.device) and x.type == "meta" else x
-
-    for node in module.graph.nodes:
-        node.args, node.kwargs = pytree.tree_map(move, (node.args, node.kwargs))
-    merged = {**program.constants, **constants}
-    meta = sorted(k for k, v in merged.items() if v.is_meta)
-    if meta:
-        raise PermergeError(f"cannot run the traced program on real weights: constants {meta[:5]} have no value")
-    return dataclasses.replace(program, module=module, constants=merged)
 
 
 def sample_inputs(ref: ModelRef, seed: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -8,6 +8,8 @@ buffers appear as placeholders named by their state-dict keys (tied weights appe
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
 
 from permerge.batches import call_kwargs
 from permerge.errors import TraceError
@@ -52,6 +55,23 @@ class Program:
     @property
     def graph(self) -> fx.Graph:
         return self.module.graph
+
+    def on(self, device: torch.device | str, constants: Mapping[str, torch.Tensor] | None = None) -> Program:
+        """A copy runnable on ``device``: device arguments baked into the graph (``arange(...,
+        device="meta")`` of a model traced on the meta device) moved there, and ``constants`` (e.g.
+        non-persistent buffers recomputed for real) in place of the program's. Cached programs are
+        never changed."""
+        target = torch.device(device)
+        module = copy.deepcopy(self.module)
+        for node in module.graph.nodes:
+            node.args, node.kwargs = pytree.tree_map(
+                lambda x: target if isinstance(x, torch.device) and x != target else x, (node.args, node.kwargs)
+            )
+        merged = {**self.constants, **(constants or {})}
+        meta = sorted(k for k, v in merged.items() if v.is_meta)
+        if meta:
+            raise TraceError(f"the traced program has no values for constants {meta[:5]}: pass them to Program.on")
+        return dataclasses.replace(self, module=module, constants=merged)
 
 
 @dataclass(frozen=True)

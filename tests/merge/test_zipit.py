@@ -284,3 +284,20 @@ def test_bad_models_and_groups_are_refused_before_the_statistics(monkeypatch):
         zipit(models, data, depth=["net.1.weight:0"], budget={"net.3.weight:0": 1.5})
     with pytest.raises(pm.PermergeError, match="needs data"):
         zipit(models, [])
+
+
+def test_reused_correlations_give_the_same_zip(monkeypatch):
+    models, data = _models("vgg", 2), _data()
+    first = zipit(models, data, budget=1.0, alpha=0.5, beta=0.5, quiet=True)
+    fresh = zipit(models, data, budget=1.25, alpha=1.0, beta=0.0, quiet=True)
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("statistics collected again")
+
+    monkeypatch.setattr(sys.modules["permerge.merge.zipit"], "_correlations", no_statistics)
+    reused = zipit(models, data, budget=1.25, alpha=1.0, beta=0.0, correlations=first.correlations, quiet=True)
+    assert all(torch.equal(reused.state_dict[k], v) for k, v in fresh.state_dict.items())
+    g = first.spec.groups[0]
+    bad = {**first.correlations, g.name: torch.zeros(3, 3)}
+    with pytest.raises(ZipItError, match=rf"correlations for group '{g.name}': expected a \({2 * g.size}, {2 * g.size}\)"):
+        zipit(models, data, correlations=bad)

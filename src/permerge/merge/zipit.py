@@ -53,7 +53,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -117,7 +117,8 @@ class ZipItResult(WidenedMerge):
     the merged slot of model ``m``'s unit ``i``; ``stats[g]`` each zipped group's merge counts;
     ``aligned`` the groups that could not be zipped and were averaged after a linear-assignment
     alignment (with the reason); ``permutations[m]`` that alignment of model ``m`` (identity
-    elsewhere).
+    elsewhere); ``correlations`` the statistics the matching read (pass them to another call to
+    try other hyperparameters without collecting them again).
     """
 
     alpha: float
@@ -128,8 +129,10 @@ class ZipItResult(WidenedMerge):
     stats: Mapping[str, ZipStats]
     aligned: Mapping[str, str]
     permutations: tuple[Permutation, ...]
+    correlations: Mapping[str, torch.Tensor]  # group → joint correlation of the models' units (reusable)
     samples: int
     seconds: float
+    timing: Mapping[str, float] = field(default_factory=dict)
 
     def architecture(self) -> dict[str, Any]:
         """A JSON-able description: per group its size, width, whether zipped and each model's slots."""
@@ -301,6 +304,39 @@ def _zipped_groups(spec: PermutationSpec, traced: Traced, depth: Depth) -> list[
 # -- the merge ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What to do with each group, decided before any statistics are collected."""
+
+    zipped: list[str]
+    budgets: dict[str, float]
+    widths: dict[str, int]  # target width of every group that is not aligned
+    aligned: dict[str, str]  # group → why it is aligned and averaged instead
+    need: list[str]  # groups whose correlations the merge reads
+
+
+def _plan(spec: PermutationSpec, traced: Traced, model: nn.Module, count: int, budget: Budget, depth: Depth,
+          alpha: float) -> _Plan:  # fmt: skip
+    zipped = _zipped_groups(spec, traced, depth)
+    fixed = unwidenable(spec, model)
+    if isinstance(budget, Mapping):
+        after = sorted(set(budget) - set(zipped) - set(fixed))
+        if after:
+            raise BudgetError(f"budget names group(s) past the zip point, which keep every model's units: {after}")
+    budgets = resolve_budget(spec, budget, fixed, models=count)
+    widths = {g.name: math.floor(budgets[g.name] * g.size + 0.5) if g.name in zipped else count * g.size
+              for g in spec.groups}  # fmt: skip
+    aligned = {g: why for g, why in fixed.items() if g in zipped or widths[g] > spec[g].size}
+    short = [g for g in zipped if g not in aligned and alpha == 0 and widths[g] < math.ceil(count * spec[g].size / 2)]
+    if short:
+        raise ZipItError(
+            f"alpha=0 merges every feature at most once, so {count} models' units cannot shrink below half their "
+            f"total (groups {short[:3]}, budget {budgets[short[0]]:g}); raise alpha or the budget to >= {count / 2:g}"
+        )
+    need = [g.name for g in spec.groups if g.name in aligned or (g.name in zipped and widths[g.name] < count * g.size)]
+    return _Plan(zipped, budgets, widths, aligned, need)
+
+
 def zipit(
     models: Sequence[nn.Module],
     data: Iterable[Any],
@@ -311,6 +347,7 @@ def zipit(
     depth: Depth = None,
     keep_heads: bool | None = None,
     spec: PermutationSpec | None = None,
+    correlations: Mapping[str, torch.Tensor] | None = None,
     batches: int = 16,
     reset_bn: bool = True,
     input_fn: Callable[[Any], tuple[Any, ...]] = batch_inputs,
@@ -336,6 +373,9 @@ def zipit(
         keep_heads: keep every model's outputs apart (concatenated in model order) instead of
             averaging them; None: heads for a partial zip, averaged outputs otherwise.
         spec: groups to zip (default: traced from the first model on the first batch).
+        correlations: per group, the joint correlation of the models' features from an earlier
+            zip of the same models on the same data (``result.correlations``): skips collecting
+            them again, e.g. to try several ``alpha``, ``beta``, budgets or depths.
         reset_bn: re-estimate BatchNorm statistics on the batches after zipping.
         check: run the zipped model on the first batch (a forward that hard-codes widths fails
             here, clearly); when nothing was merged, also check it reproduces every model.
@@ -370,68 +410,44 @@ def zipit(
     if missing:
         raise ZipItError(f"no activation site for groups {missing[:5]}; ZipIt! needs groups of the traced graph")
     consumers = consumer_axes(spec)
-    zipped = _zipped_groups(spec, traced, depth)
-    partial_zip = len(zipped) < len(spec.groups)
-    keep_heads = partial_zip if keep_heads is None else keep_heads
-    fixed = unwidenable(spec, models[0])
-    if isinstance(budget, Mapping):
-        after = sorted(set(budget) - set(zipped) - set(fixed))
-        if after:
-            raise BudgetError(f"budget names group(s) past the zip point, which keep every model's units: {after}")
-    budgets = resolve_budget(spec, budget, {g: why for g, why in fixed.items()}, models=count)
-    widths = {g.name: round(budgets[g.name] * g.size) if g.name in zipped else count * g.size for g in spec.groups}
-    aligned = {g: why for g, why in fixed.items() if g in zipped or widths[g] > spec[g].size}
-    short = [g for g in zipped if g not in aligned and alpha == 0 and widths[g] < math.ceil(count * spec[g].size / 2)]
-    if short:
-        raise ZipItError(
-            f"alpha=0 merges every feature at most once, so {count} models' units cannot shrink below half their "
-            f"total (groups {short[:3]}, budget {budgets[short[0]]:g}); raise alpha or the budget to >= {count / 2:g}"
-        )
-    need = [g.name for g in spec.groups if g.name in aligned or (g.name in zipped and widths[g.name] < count * g.size)]
+    plan = _plan(spec, traced, models[0], count, budget, depth, alpha)
+    keep_heads = len(plan.zipped) < len(spec.groups) if keep_heads is None else keep_heads
     if keep_heads:
         head_merges(spec, consumers, count)  # fails now, before the statistics, if there is no head to keep
+    timing = {"plan": time.perf_counter() - start}
     t0 = time.perf_counter()
-    corr = _correlations(traced, spec, sds, inputs, kwargs, need, quiet)
-    LOG.info("ZipIt!: correlations of %d groups on %d batches in %.1f s", len(need), len(inputs), time.perf_counter() - t0)
-
-    perms = [identity(spec) for _ in models]
-    merges: dict[str, GroupMerge] = {}
-    stats: dict[str, ZipStats] = {}
-    for g in spec.groups:
-        n = g.size
-        if g.name in aligned:
-            for m in range(1, count):
-                perms[m][g.name] = lap.solve(corr[g.name][:n, m * n : (m + 1) * n], backend=backend)
-            merges[g.name] = GroupMerge(g.name, n, n, (torch.arange(n),) * count)
-        elif g.name in need:
-            merges[g.name], stats[g.name] = zip_features(corr[g.name], count, widths[g.name], alpha=alpha, beta=beta,
-                                                         name=g.name)  # fmt: skip
-        else:
-            merges[g.name] = GroupMerge.ensemble(g.name, n, count)
+    if correlations is None:
+        corr = _correlations(traced, spec, sds, inputs, kwargs, plan.need, quiet)
+    else:
+        corr = _given(correlations, spec, plan.need, count)
+    timing["statistics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    merges, stats, perms = _group_merges(spec, plan, corr, count, alpha, beta, backend)
     aligned_sds = [sds[0], *(apply_permutation(spec, p, sd) for p, sd in zip(perms[1:], sds[1:]))]
     layout = {g.name: (merges[g.name], g.members) for g in spec.groups}
     if keep_heads:
         layout.update(head_merges(spec, consumers, count))
     merged_sd, maps = merge_state_dicts(aligned_sds, layout, consumers)
     model, width_notes = widen_with_notes(models[0], merged_sd)
-    notes = [f"group {g!r} aligned and averaged, not zipped: {why}" for g, why in sorted(aligned.items())]
+    notes = [f"group {g!r} aligned and averaged, not zipped: {why}" for g, why in sorted(plan.aligned.items())]
     notes += width_notes
-    if partial_zip:
-        notes.append(f"partial zip: {len(zipped)} of {len(spec.groups)} groups zipped; the rest keep every model's units")
+    if len(plan.zipped) < len(spec.groups):
+        notes.append(f"partial zip: {len(plan.zipped)} of {len(spec.groups)} groups zipped; the rest keep every model's units")
     if check:
         widened = sorted(n for n, gm in merges.items() if gm.width != gm.size)
         check_forward(model, inputs[0], kwargs, widened, fix="zip the groups involved at budget 1.0 (depth, budget)")
-        if not any(st.within + st.across for st in stats.values()) and not aligned and not width_notes:
+        if not any(st.within + st.across for st in stats.values()) and not plan.aligned and not width_notes:
             _check_ensemble(model, traced, sds, inputs[0], kwargs, keep_heads)
+    timing["zip"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     if reset_bn:
         if all(len(x) == 1 for x in inputs):
             model = reset_bn_stats(model, [x[0] for x in inputs], batches=len(inputs), example_kwargs=kwargs)
         else:
             LOG.warning("BatchNorm statistics not reset: the model takes several inputs")
+    timing["bn_reset"] = time.perf_counter() - t0
     for note in notes:
         LOG.info("ZipIt!: %s", note)
-    seconds = time.perf_counter() - start
-    samples = sum(int(x[0].shape[0]) for x in inputs if isinstance(x[0], torch.Tensor))
     return ZipItResult(
         model=model.eval(),
         state_dict=MappingProxyType({k: v.detach().clone() for k, v in model.state_dict().items()}),
@@ -445,15 +461,51 @@ def zipit(
         models=count,
         alpha=alpha,
         beta=beta,
-        budgets=MappingProxyType({n: budgets[n] for n in zipped}),
-        zipped=tuple(zipped),
+        budgets=MappingProxyType({n: plan.budgets[n] for n in plan.zipped}),
+        zipped=tuple(plan.zipped),
         merges=MappingProxyType(merges),
         stats=MappingProxyType(stats),
-        aligned=MappingProxyType(aligned),
+        aligned=MappingProxyType(plan.aligned),
         permutations=tuple(perms),
-        samples=samples,
-        seconds=seconds,
+        correlations=MappingProxyType(corr),
+        samples=sum(int(x[0].shape[0]) for x in inputs if isinstance(x[0], torch.Tensor)),
+        seconds=time.perf_counter() - start,
+        timing=MappingProxyType(timing),
     )
+
+
+def _group_merges(spec: PermutationSpec, plan: _Plan, corr: Mapping[str, torch.Tensor], count: int, alpha: float,
+                  beta: float, backend: str) -> tuple[dict[str, GroupMerge], dict[str, ZipStats], list[Permutation]]:  # fmt: skip
+    """Every group's slots: zipped (greedy matching), aligned (a linear assignment to model 0, then
+    shared slots) or kept (the ensemble layout); and each model's alignment permutation."""
+    perms = [identity(spec) for _ in range(count)]
+    merges: dict[str, GroupMerge] = {}
+    stats: dict[str, ZipStats] = {}
+    for g in spec.groups:
+        n = g.size
+        if g.name in plan.aligned:
+            for m in range(1, count):
+                perms[m][g.name] = lap.solve(corr[g.name][:n, m * n : (m + 1) * n], backend=backend)
+            merges[g.name] = GroupMerge(g.name, n, n, (torch.arange(n),) * count)
+        elif g.name in plan.need:
+            merges[g.name], stats[g.name] = zip_features(corr[g.name], count, plan.widths[g.name], alpha=alpha,
+                                                         beta=beta, name=g.name)  # fmt: skip
+        else:
+            merges[g.name] = GroupMerge.ensemble(g.name, n, count)
+    return merges, stats, perms
+
+
+def _given(correlations: Mapping[str, torch.Tensor], spec: PermutationSpec, need: Sequence[str], count: int
+           ) -> dict[str, torch.Tensor]:  # fmt: skip
+    for g in need:
+        c, size = correlations.get(g), count * spec[g].size
+        if c is None or tuple(c.shape) != (size, size):
+            got = "none" if c is None else f"shape {tuple(c.shape)}"
+            raise ZipItError(
+                f"correlations for group {g!r}: expected a ({size}, {size}) matrix, got {got}; pass the "
+                "correlations of a zip of the same models whose groups include it (result.correlations)"
+            )
+    return {g: correlations[g] for g in need}
 
 
 def _correlations(traced: Traced, spec: PermutationSpec, sds: Sequence[Mapping[str, torch.Tensor]],

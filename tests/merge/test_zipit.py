@@ -3,19 +3,23 @@ itself, alpha, beta), partial zips give one head per model, bad inputs are refus
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 import permerge as pm
+from permerge.cli import main
 from permerge.errors import StateDictMismatchError
 from permerge.graph import trace_graph
 from permerge.match import lap
-from permerge.merge.partial import BudgetError, partial_merge
+from permerge.merge.partial import BudgetError, partial_merge, widen_module
 from permerge.merge.zipit import ZipItError, zip_depths, zip_features, zipit
 from permerge.models import MLP, VGG, DenseBlockNet, TransformerBlockNet
 
@@ -301,3 +305,60 @@ def test_reused_correlations_give_the_same_zip(monkeypatch):
     bad = {**first.correlations, g.name: torch.zeros(3, 3)}
     with pytest.raises(ZipItError, match=rf"correlations for group '{g.name}': expected a \({2 * g.size}, {2 * g.size}\)"):
         zipit(models, data, correlations=bad)
+
+
+# -- permerge merge --method zipit ----------------------------------------------------------------
+
+CLI_MODEL = ["--model", "permerge.models:MLP", "--model-kwargs", '{"hidden": [16, 12]}', "--input-shape", "2,784"]
+
+
+@pytest.fixture
+def cli_setup(tmp_path, monkeypatch):
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_file(MLP(hidden=(16, 12)).state_dict(), paths[-1])
+    (tmp_path / "zipit_data.py").write_text(
+        "import torch\n\ndef unlabeled():\n"
+        "    gen = torch.Generator().manual_seed(0)\n"
+        "    return [torch.randn(16, 784, generator=gen) for _ in range(3)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return [str(p) for p in paths]
+
+
+def test_cli_merge_zipit_writes_a_multi_head_model(cli_setup, tmp_path, capsys):
+    out = tmp_path / "zipped"
+    argv = ["merge", *CLI_MODEL, *cli_setup, "--method", "zipit", "--data", "zipit_data:unlabeled",
+            "--alpha", "1", "--beta", "1", "--zip-depth", "0.5", "-o", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "merged 3 models (zipit" in capsys.readouterr().out
+    arch = json.loads((out / "architecture.json").read_text())
+    assert arch["format"] == "permerge.zipit/1" and arch["models"] == 3 and arch["keep_heads"]
+    assert arch["groups"]["net.1.weight:0"]["zipped"] and not arch["groups"]["net.3.weight:0"]["zipped"]
+    report = json.loads((out / "provenance.json").read_text())["report"]
+    assert report["method"] == "zipit" and report["zipped"] == ["net.1.weight:0"]
+    model = widen_module(MLP(hidden=(16, 12)), load_file(out / "model.safetensors"))
+    with torch.no_grad():
+        assert model(torch.randn(2, 784)).shape == (2, 30)  # three heads
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--alpha", "2"], r"alpha is 2; it must lie in \[0, 1\]"),
+        (["--zip-depth", "1.5"], "depth must be None"),
+        (["--budget", "3.5"], r"budget ratios must be numbers in \[1, 3\]"),
+        (["--weights", "0.2,0.3,0.5"], "drop --weights"),
+    ],
+)
+def test_cli_merge_zipit_refuses_bad_options_before_loading(cli_setup, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    argv = ["merge", *CLI_MODEL, *cli_setup, "--method", "zipit", "--data", "zipit_data:unlabeled", *extra, "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["merge", *CLI_MODEL, *cli_setup, "--method", "zipit", "-o", str(out)]) == 2
+    assert "ZipIt! needs unlabeled data" in capsys.readouterr().err and not out.exists()

@@ -90,7 +90,7 @@ from permerge.spec import PRODUCER, PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ZipItError", "ZipItResult", "ZipStats", "zip_depths", "zip_features", "zipit"]
+__all__ = ["ZipItError", "ZipItResult", "ZipStats", "check_options", "zip_depths", "zip_features", "zipit"]
 
 Depth = float | Sequence[str] | None
 
@@ -275,15 +275,19 @@ def zip_depths(traced: Traced) -> tuple[dict[str, int], int]:
     return depth, len(layers)
 
 
-def _check_depth(depth: Depth) -> None:
-    if depth is None or (isinstance(depth, Sequence) and not isinstance(depth, str)
-                         and all(isinstance(d, str) for d in depth)):  # fmt: skip
-        return
-    if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
+def check_options(alpha: Any, beta: Any, depth: Depth = None) -> tuple[float, float]:
+    """Refuse out-of-range ``alpha``, ``beta`` or a malformed ``depth`` (one line, before any work);
+    returns ``(alpha, beta)`` as floats."""
+    alpha, beta = _check_unit("alpha", alpha), _check_unit("beta", beta)
+    names = isinstance(depth, Sequence) and not isinstance(depth, str) and all(isinstance(d, str) for d in depth)
+    if depth is not None and not names and (
+        isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0
+    ):
         raise ZipItError(
             f"depth must be None (zip everything), a fraction in [0, 1] of the traced linear/conv layers, "
             f"or a list of group names; got {depth!r}"
         )
+    return alpha, beta
 
 
 def _zipped_groups(spec: PermutationSpec, traced: Traced, depth: Depth) -> list[str]:
@@ -394,8 +398,7 @@ def zipit(
     start = time.perf_counter()
     if len(models) < 2:
         raise ZipItError(f"ZipIt! merges 2 or more models, got {len(models)}")
-    alpha, beta = _check_unit("alpha", alpha), _check_unit("beta", beta)
-    _check_depth(depth)
+    alpha, beta = check_options(alpha, beta, depth)
     count = len(models)
     if not isinstance(budget, Mapping):
         resolve_budget(PermutationSpec(()), budget, models=count)  # the range, checked before tracing

@@ -32,21 +32,6 @@ FACTORIES = {
 }
 
 
-def _models(name, count):
-    models = []
-    for seed in range(count):
-        torch.manual_seed(seed)
-        m = FACTORIES[name]().eval()
-        for mod in m.modules():  # make BatchNorm matter: statistics and affine far from the identity
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_()
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.data.normal_()
-                mod.bias.data.normal_()
-        models.append(m)
-    return models
-
-
 def _data(batches=3, size=8):
     gen = torch.Generator().manual_seed(5)
     return [torch.randn(size, 1, 28, 28, generator=gen) for _ in range(batches)]
@@ -59,8 +44,8 @@ def _outputs(models, x):
 
 @pytest.mark.parametrize("count", [2, 3])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_full_width_reproduces_every_model(name, count):
-    models, data = _models(name, count), _data()
+def test_full_width_reproduces_every_model(name, count, bn_models):
+    models, data = bn_models(FACTORIES[name], range(count)), _data()
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     x = data[0]
     outs = _outputs(models, x)
@@ -80,8 +65,8 @@ def test_full_width_reproduces_every_model(name, count):
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
-def test_budget_one_is_one_model_wide_and_runs(name):
-    models, data = _models(name, 3), _data()
+def test_budget_one_is_one_model_wide_and_runs(name, bn_models):
+    models, data = bn_models(FACTORIES[name], range(3)), _data()
     res = zipit(models, data, budget=1.0, alpha=0.5, beta=0.5, quiet=True)
     a = models[0]
     assert res.widened == {} and all(res.widths[n] == res.sizes[n] for n in res.widths)
@@ -95,8 +80,8 @@ def test_budget_one_is_one_model_wide_and_runs(name):
     assert arch["models"] == 3 and arch["groups"][res.spec.groups[0].name]["zipped"]
 
 
-def test_partial_zip_returns_one_head_per_model():
-    models, data = _models("vgg", 3), _data()
+def test_partial_zip_returns_one_head_per_model(bn_models):
+    models, data = bn_models(FACTORIES["vgg"], range(3)), _data()
     traced = trace_graph(models[0], data[0])
     depths, layers = zip_depths(traced)
     assert sorted(depths.values()) == list(range(layers))  # one conv/linear writes each group of this VGG
@@ -258,8 +243,8 @@ class _Untouched:
         ({"depth": "net.1.weight:0"}, ZipItError, "depth must be None"),
     ],
 )
-def test_bad_options_are_refused_before_any_work(kwargs, error, match):
-    models = _models("mlp", 2)
+def test_bad_options_are_refused_before_any_work(kwargs, error, match, bn_models):
+    models = bn_models(FACTORIES["mlp"], range(2))
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     with pytest.raises(error, match=match) as e:
         zipit(models, _Untouched(), **kwargs)
@@ -268,8 +253,8 @@ def test_bad_options_are_refused_before_any_work(kwargs, error, match):
         assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
 
 
-def test_bad_models_and_groups_are_refused_before_the_statistics(monkeypatch):
-    models = _models("mlp", 3)
+def test_bad_models_and_groups_are_refused_before_the_statistics(monkeypatch, bn_models):
+    models = bn_models(FACTORIES["mlp"], range(3))
     with pytest.raises(ZipItError, match="2 or more models"):
         zipit(models[:1], _Untouched())
     with pytest.raises(StateDictMismatchError, match="model 0 and model 1"):
@@ -290,8 +275,8 @@ def test_bad_models_and_groups_are_refused_before_the_statistics(monkeypatch):
         zipit(models, [])
 
 
-def test_reused_correlations_give_the_same_zip(monkeypatch):
-    models, data = _models("vgg", 2), _data()
+def test_reused_correlations_give_the_same_zip(monkeypatch, bn_models):
+    models, data = bn_models(FACTORIES["vgg"], range(2)), _data()
     first = zipit(models, data, budget=1.0, alpha=0.5, beta=0.5, quiet=True)
     fresh = zipit(models, data, budget=1.25, alpha=1.0, beta=0.0, quiet=True)
 
@@ -362,3 +347,12 @@ def test_cli_merge_zipit_refuses_bad_options_before_loading(cli_setup, tmp_path,
     assert not out.exists()
     assert main(["merge", *CLI_MODEL, *cli_setup, "--method", "zipit", "-o", str(out)]) == 2
     assert "ZipIt! needs unlabeled data" in capsys.readouterr().err and not out.exists()
+
+
+def test_ties_never_revive_a_merged_feature():
+    # every pair equally correlated: the greedy search must still merge live features only
+    for models, n, width in ((2, 4, 4), (3, 3, 3), (2, 5, 6)):
+        corr = torch.full((models * n, models * n), 0.5)
+        gm, stats = zip_features(corr, models, width, alpha=1.0, beta=1.0)
+        counts = torch.bincount(torch.cat(gm.slots), minlength=width)
+        assert gm.width == width and counts.min() >= 1 and stats.within + stats.across == models * n - width

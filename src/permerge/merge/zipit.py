@@ -249,7 +249,7 @@ def zip_features(
             best, arg = s.max(1)
             continue
         stale = (arg == i) | (arg == j)
-        stale[i] = True
+        stale[i] = stale[j] = True  # j is gone; its row may have pointed elsewhere on a tie
         best[stale], arg[stale] = s[stale].max(1)
         better = s[:, i] > best
         best[better], arg[better] = s[better, i], i
@@ -443,11 +443,8 @@ def zipit(
             _check_ensemble(model, traced, sds, inputs[0], kwargs, keep_heads)
     timing["zip"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if reset_bn:
-        if all(len(x) == 1 for x in inputs):
-            model = reset_bn_stats(model, [x[0] for x in inputs], batches=len(inputs), example_kwargs=kwargs)
-        else:
-            LOG.warning("BatchNorm statistics not reset: the model takes several inputs")
+    if reset_bn:  # each batch as ((args...),): the positional inputs of one call, however many
+        model = reset_bn_stats(model, [(x,) for x in inputs], batches=len(inputs), example_kwargs=kwargs)
     timing["bn_reset"] = time.perf_counter() - t0
     for note in notes:
         LOG.info("ZipIt!: %s", note)

@@ -356,3 +356,18 @@ def test_ties_never_revive_a_merged_feature():
         gm, stats = zip_features(corr, models, width, alpha=1.0, beta=1.0)
         counts = torch.bincount(torch.cat(gm.slots), minlength=width)
         assert gm.width == width and counts.min() >= 1 and stats.within + stats.across == models * n - width
+
+
+def test_a_full_width_zip_that_changes_the_function_is_caught(monkeypatch, bn_models):
+    models, data = bn_models(FACTORIES["mlp"], range(2)), _data()
+    module = sys.modules["permerge.merge.zipit"]
+    real = module.merge_state_dicts
+
+    def broken(*args, **kwargs):
+        sd, maps = real(*args, **kwargs)
+        sd["net.1.bias"] = sd["net.1.bias"] + 1.0
+        return sd, maps
+
+    monkeypatch.setattr(module, "merge_state_dicts", broken)
+    with pytest.raises(pm.PermergeError, match="kept every unit but the zipped model's output 0 differs"):
+        zipit(models, data, budget=2.0, quiet=True)

@@ -20,6 +20,11 @@ never as dense matrices. Spaces no group owns (model inputs and outputs, frozen 
 shared: the first layer reads the one input, the output layer averages the two models' outputs
 (with ``keep_heads`` it concatenates them instead: each model keeps its own head).
 
+The maps are one merged slot per unit per model (:class:`GroupMerge`, :class:`DimMap`), so they
+serve any number of models and any assignment of units to slots: ZipIt!
+(:mod:`permerge.merge.zipit`) sends two units of one model to one slot, or keeps every model's
+units apart past its zip point, through the same :func:`merge_state_dicts`.
+
 Consequences, which the tests check: with budget 1 every tensor is ``(A + π(B)) / 2`` bit for
 bit, i.e. aligned interpolation at α = ½; with budget 2 the merged model computes both models'
 features exactly (its logits are the mean of A's and B's, or both with ``keep_heads``) provided

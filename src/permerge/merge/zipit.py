@@ -62,10 +62,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
+from permerge.check import model_outputs
 from permerge.errors import PermergeError
 from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import CONV, CONV_TRANSPOSE, LINEAR
-from permerge.graph.run import run_program
 from permerge.match import lap
 from permerge.match.activation import Correlation, _unit_samples, batch_inputs, record
 from permerge.merge import check_same_architecture
@@ -440,7 +440,7 @@ def zipit(
         widened = sorted(n for n, gm in merges.items() if gm.width != gm.size)
         check_forward(model, inputs[0], kwargs, widened, fix="zip the groups involved at budget 1.0 (depth, budget)")
         if not any(st.within + st.across for st in stats.values()) and not plan.aligned and not width_notes:
-            _check_ensemble(model, traced, sds, inputs[0], kwargs, keep_heads)
+            _check_ensemble(model, models, inputs[0], kwargs, keep_heads)
     timing["zip"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if reset_bn:  # each batch as ((args...),): the positional inputs of one call, however many
@@ -525,14 +525,14 @@ def _correlations(traced: Traced, spec: PermutationSpec, sds: Sequence[Mapping[s
     return {g: sum(acc[(g, i)].matrix() for i in range(len(traced.sites[g]))) / len(traced.sites[g]) for g in groups}
 
 
-def _check_ensemble(model: nn.Module, traced: Traced, sds: Sequence[Mapping[str, torch.Tensor]],
-                    x: tuple[Any, ...], kwargs: Mapping[str, Any], keep_heads: bool) -> None:  # fmt: skip
+def _check_ensemble(model: nn.Module, members: Sequence[nn.Module], x: tuple[Any, ...], kwargs: Mapping[str, Any],
+                    keep_heads: bool) -> None:  # fmt: skip
     """Nothing merged: the model must compute every member's outputs (concatenated, or their mean)."""
-    got = [t for t in run_program(trace_graph(model, x, example_kwargs=kwargs).program, model.state_dict(), x, kwargs)
-           if isinstance(t, torch.Tensor) and t.is_floating_point()]  # fmt: skip
-    outs = [[t for t in run_program(traced.program, sd, x, kwargs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            for sd in sds]  # fmt: skip
+    got = model_outputs(model, x, kwargs)
+    outs = [model_outputs(m, x, kwargs) for m in members]
     for k, y in enumerate(got):
+        if not y.is_floating_point():
+            continue
         parts = [o[k].float() for o in outs]
         if keep_heads:
             dims = [d for d in range(y.dim()) if y.shape[d] != parts[0].shape[d]]

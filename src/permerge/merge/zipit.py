@@ -505,7 +505,7 @@ def _given(correlations: Mapping[str, torch.Tensor], spec: PermutationSpec, need
                 f"correlations for group {g!r}: expected a ({size}, {size}) matrix, got {got}; pass the "
                 "correlations of a zip of the same models whose groups include it (result.correlations)"
             )
-    return {g: correlations[g] for g in need}
+    return {g: correlations[g].cpu() for g in need}
 
 
 def _correlations(traced: Traced, spec: PermutationSpec, sds: Sequence[Mapping[str, torch.Tensor]],
@@ -522,7 +522,8 @@ def _correlations(traced: Traced, spec: PermutationSpec, sds: Sequence[Mapping[s
             for i, site in enumerate(traced.sites[g]):
                 f = torch.cat([_unit_samples(v[site.axis.key], site, spec[g].size) for v in values])
                 acc[(g, i)] = acc.get((g, i), Correlation()).update(f, f)
-    return {g: sum(acc[(g, i)].matrix() for i in range(len(traced.sites[g]))) / len(traced.sites[g]) for g in groups}
+    return {g: (sum(acc[(g, i)].matrix() for i in range(len(traced.sites[g]))) / len(traced.sites[g])).cpu()
+            for g in groups}  # fmt: skip
 
 
 def _check_ensemble(model: nn.Module, members: Sequence[nn.Module], x: tuple[Any, ...], kwargs: Mapping[str, Any],

@@ -234,7 +234,7 @@ class _Untouched:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"alpha": 1.5}, ZipItError, r"alpha is 1\.5; it must lie in \[0, 1\]"),
+        ({"alpha": 1.5}, ZipItError, r"alpha is 1\.5; it must lie in \[0, 1\] \(0: a merged feature never merges again"),
         ({"beta": -0.1}, ZipItError, r"beta is -0\.1"),
         ({"beta": "x"}, ZipItError, "beta must be a number"),
         ({"budget": 0.5}, BudgetError, r"in \[1, 2\]"),

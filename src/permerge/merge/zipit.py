@@ -170,7 +170,9 @@ def _check_unit(name: str, value: Any) -> float:
     except (TypeError, ValueError):
         raise ZipItError(f"{name} must be a number in [0, 1], got {value!r}") from None
     if not 0.0 <= v <= 1.0:  # also rejects NaN
-        raise ZipItError(f"{name} is {v:g}; it must lie in [0, 1] (see permerge.merge.zipit)")
+        meaning = {"alpha": "0: a merged feature never merges again, 1: it may, at its full correlation",
+                   "beta": "0: no merge within one model, 1: every merge may be one, each model an equal share"}[name]  # fmt: skip
+        raise ZipItError(f"{name} is {v:g}; it must lie in [0, 1] ({meaning})")
     return v
 
 

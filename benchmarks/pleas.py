@@ -1,4 +1,4 @@
-"""PLeaS vs. partial merging vs. weight-matching averaging, for two models with different label spaces.
+"""PLeaS vs. ZipIt! vs. partial merging vs. weight-matching averaging, for two models with different label spaces.
 
 Run from the repository root (needs Fashion-MNIST: ``apt-get install dataset-fashion-mnist``)::
 
@@ -31,9 +31,18 @@ each task, labels unused):
 * **partial**: activation matching (once; its correlations choose which pairs stay apart), partial
   merge at the budget, BatchNorm reset.
 * **PLeaS**: the same partial merge, then layer-wise least squares (``permerge.merge.pleas.pleas``).
+* **ZipIt!** (``permerge.merge.zipit.zipit``): features merged within and across the two models at
+  the same widths, BatchNorm reset. Its ``alpha`` / ``beta`` are chosen per budget from
+  ``--zip-grid`` by joint accuracy on ``--val`` labeled training images per task that neither
+  training nor the unlabeled set uses (never on the test images); the correlations are collected
+  once and reused by every setting. **ZipIt!, no same-model merges** is its ``alpha=0, beta=0``
+  setting (a greedy one-to-one matching across the models: partial merging's rule without the
+  optimal assignment). **ZipIt!, zip depth d**: a partial zip at budget 1 (the groups past the
+  fraction ``d`` of the layers keep both models' units: more parameters, separate heads).
 
 ``time`` is the merge's wall time (the activation matching's time is added to partial and PLeaS
-at every budget); ``params`` is the merged model's parameter count (a budget is a *width* ratio,
+at every budget, the statistics' time to every ZipIt! row; the ``alpha``/``beta`` selection is
+not included and is reported under the table); ``params`` is the merged model's parameter count (a budget is a *width* ratio,
 so parameters grow about quadratically with it: budget 2 has ~4× the parameters of one model,
 twice the ensemble's, half of them zeros).
 """
@@ -65,6 +74,7 @@ from permerge.graph import trace_graph  # noqa: E402
 from permerge.match import activation_matching, weight_matching  # noqa: E402
 from permerge.merge.partial import partial_merge  # noqa: E402
 from permerge.merge.pleas import pleas  # noqa: E402
+from permerge.merge.zipit import ZipItResult, zipit  # noqa: E402
 from permerge.models import ResNet20  # noqa: E402
 from permerge.repair import reset_bn_stats  # noqa: E402
 
@@ -104,6 +114,19 @@ def unlabeled(x: Tensor, y: Tensor, args: argparse.Namespace) -> list[Tensor]:
     return list(pool.split(args.batch))
 
 
+def validation(x: Tensor, y: Tensor, args: argparse.Namespace) -> tuple[Tensor, Tensor]:
+    """``--val`` labeled training images per task used by nothing else (labels 0..9), for choosing ZipIt!'s settings."""
+    xs, ys = [], []
+    for task in (0, 1):
+        xt, yt = task_split(x, y, task)
+        gen = torch.Generator().manual_seed(100 + task)
+        first = args.train + args.unlabeled // 2
+        idx = torch.randperm(len(xt), generator=gen)[first : first + args.val]
+        xs.append(xt[idx])
+        ys.append(yt[idx] + 5 * task)
+    return torch.cat(xs), torch.cat(ys)
+
+
 @torch.no_grad()
 def logits_of(model: nn.Module, x: Tensor) -> Tensor:
     return torch.cat([model.eval()(xb) for xb in x.split(500)])
@@ -136,6 +159,10 @@ def main() -> None:
     p.add_argument("--positions", type=int, default=32, help="output locations sampled per image per conv")
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("--budgets", default="1,1.25,1.5,1.75,2")
+    p.add_argument("--val", type=int, default=500, help="validation images per task (ZipIt!'s alpha/beta choice)")
+    p.add_argument("--zip-grid", default="0:0,0:0.5,0:1,0.5:0.5,0.5:1,1:1",
+                   help="ZipIt! alpha:beta settings tried per budget")
+    p.add_argument("--zip-depths", default="0.5,0.75", help="partial zips (fractions of the layers) at budget 1")
     p.add_argument("--train-only", action="store_true", help="train (and cache) the two models, then stop")
     p.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results")
     args = p.parse_args()
@@ -156,12 +183,14 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     rows: list[dict] = []
 
-    def row(budget: float | None, method: str, model: nn.Module | Tensor, n_params: int, seconds: float) -> None:
+    def row(budget: float | None, method: str, model: nn.Module | Tensor, n_params: int, seconds: float,
+            setting: str = "") -> None:  # fmt: skip
         logits = model if isinstance(model, Tensor) else logits_of(model, x_test)
         acc_a, acc_b, joint, conf = accuracies(logits, y_test)
-        rows.append(dict(budget=budget, method=method, params=n_params, acc_a=acc_a, acc_b=acc_b, joint=joint,
-                         conf=conf, seconds=seconds))  # fmt: skip
-        LOG.info("%-10s budget %s: A %.3f  B %.3f  joint %.3f / %.3f (%.1f s)", method, budget, acc_a, acc_b, joint, conf, seconds)
+        rows.append(dict(budget=budget, method=method, setting=setting, params=n_params, acc_a=acc_a, acc_b=acc_b,
+                         joint=joint, conf=conf, seconds=seconds))  # fmt: skip
+        LOG.info("%-10s %s budget %s: A %.3f  B %.3f  joint %.3f / %.3f (%.1f s)", method, setting, budget, acc_a, acc_b,
+                 joint, conf, seconds)  # fmt: skip
 
     logits_a, logits_b = logits_of(model_a, x_test), logits_of(model_b, x_test)
     a_mask, b_mask = y_test < 5, y_test >= 5
@@ -197,7 +226,8 @@ def main() -> None:
         assert all(f.after <= f.before for f in res.layers), "least squares increased its objective"
         row(budget, "PLeaS", res.model, params(res.model), t_match + time.perf_counter() - t)
 
-    table = render(rows, budgets)
+    selection = zip_rows(model_a, model_b, data, budgets, args, row, x_train, y_train)
+    table = render(rows, budgets, selection)
     sys.stdout.write(table + "\n")
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -207,22 +237,63 @@ def main() -> None:
         plot(rows, budgets, RESULTS / "pleas.png")
 
 
+def zip_rows(model_a: nn.Module, model_b: nn.Module, data: list[Tensor], budgets: list[float], args: argparse.Namespace,
+             row: Callable[..., None], x_train: Tensor, y_train: Tensor) -> str:  # fmt: skip
+    """ZipIt! at every budget with alpha/beta chosen on validation images; returns a note on the choice."""
+    x_val, y_val = validation(x_train, y_train, args)
+    grid = [tuple(float(v) for v in pair.split(":")) for pair in args.zip_grid.split(",")]
+    t = time.perf_counter()
+    stats = zipit([model_a, model_b], data, budget=1.0, keep_heads=True, batches=len(data), quiet=True)  # statistics once
+    t_stats = stats.timing["plan"] + stats.timing["statistics"]
+    LOG.info("ZipIt! statistics: %.1f s", t_stats)
+    chosen: dict[float, tuple[float, float]] = {}
+    t_select = time.perf_counter()
+
+    def zip_at(budget: float, alpha: float, beta: float, depth: float | None = None) -> ZipItResult:
+        return zipit([model_a, model_b], data, alpha=alpha, beta=beta, budget=budget, depth=depth, keep_heads=True,
+                     correlations=stats.correlations, batches=len(data), quiet=True)  # fmt: skip
+
+    for budget in budgets:
+        scored = []
+        for alpha, beta in grid:
+            z = zip_at(budget, alpha, beta)
+            joint = (logits_of(z.model, x_val).argmax(1) == y_val).float().mean().item()
+            scored.append((joint, -len(scored), alpha, beta, z))
+            LOG.info("ZipIt! budget %g alpha %g beta %g: validation joint %.3f", budget, alpha, beta, joint)
+        _, _, alpha, beta, z = max(scored, key=lambda c: c[:2])
+        chosen[budget] = (alpha, beta)
+        row(budget, "ZipIt!", z.model, params(z.model), t_stats + z.seconds, f"(α={alpha:g}, β={beta:g})")
+        plain = next((c[4] for c in scored if c[2:4] == (0.0, 0.0)), None) or zip_at(budget, 0.0, 0.0)
+        row(budget, "ZipIt!, no same-model merges", plain.model, params(plain.model), t_stats + plain.seconds)
+    t_select = time.perf_counter() - t_select
+    alpha, beta = chosen.get(1.0, next(iter(chosen.values())))
+    for depth in [float(d) for d in args.zip_depths.split(",") if d]:
+        z = zip_at(1.0, alpha, beta, depth)
+        row(1.0, f"ZipIt!, zip depth {depth:g}", z.model, params(z.model), t_stats + z.seconds,
+            f"(α={alpha:g}, β={beta:g})")
+    LOG.info("ZipIt! rows in %.0f s", time.perf_counter() - t)
+    return (f"ZipIt!'s α, β per budget chosen from {len(grid)} settings ({args.zip_grid}) by joint accuracy on "
+            f"{2 * args.val} validation images (training images outside both training subsets and the unlabeled set), "
+            f"{t_select:.0f} s for the whole selection.")  # fmt: skip
+
+
 def mean(r: dict) -> float | None:
     return None if r["acc_a"] is None or r["acc_b"] is None else (r["acc_a"] + r["acc_b"]) / 2
 
 
-def render(rows: list[dict], budgets: list[float]) -> str:
+def render(rows: list[dict], budgets: list[float], selection: str) -> str:
     by = {(r["method"], r["budget"]): r for r in rows}
     avg, ens = by[("WM average", 1.0)], by[("ensemble", None)]
     lines = [
         "| budget | method | params | acc A | acc B | mean | joint | joint (conf) | time (s) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: -1.0 if r["budget"] is None else r["budget"]):  # stable: by budget
         b = "–" if r["budget"] is None else f"{r['budget']:.2f}"
         pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        name = f"{r['method']} {r.get('setting', '')}".strip()
         lines.append(
-            f"| {b} | {r['method']} | {r['params'] / 1e3:.0f}k | {pct(r['acc_a'])} | {pct(r['acc_b'])} "
+            f"| {b} | {name} | {r['params'] / 1e3:.0f}k | {pct(r['acc_a'])} | {pct(r['acc_b'])} "
             f"| {pct(mean(r))} | {pct(r['joint'])} | {pct(r['conf'])} | {r['seconds']:.1f} |"
         )
 
@@ -231,9 +302,15 @@ def render(rows: list[dict], budgets: list[float]) -> str:
               if metric(by[("PLeaS", b)]) >= metric(by[("partial", b)]) >= metric(avg)]  # fmt: skip
         return ", ".join(f"{b:g}: {'yes' if b in ok else 'no'}" for b in budgets)
 
-    def closed(metric: Callable[[dict], float], budget: float) -> str:
+    def at_least(first: str, second: str, metric: Callable[[dict], float]) -> str:
+        return ", ".join(f"{b:g}: {'yes' if metric(by[(first, b)]) >= metric(by[(second, b)]) else 'no'}" for b in budgets)
+
+    def lead(metric: Callable[[dict], float]) -> str:
+        return ", ".join(f"{b:g}: {100 * (metric(by[('PLeaS', b)]) - metric(by[('ZipIt!', b)])):+.1f}" for b in budgets)
+
+    def closed(method: str, metric: Callable[[dict], float], budget: float) -> str:
         gap = metric(ens) - metric(avg)
-        return f"{100 * (metric(by[('PLeaS', budget)]) - metric(avg)) / gap:.0f}%" if gap > 0 else "n/a (no gap)"
+        return f"{100 * (metric(by[(method, budget)]) - metric(avg)) / gap:.0f}%" if gap > 0 else "n/a (no gap)"
 
     first = budgets[0]
     joint, conf = (lambda r: r["joint"]), (lambda r: r["conf"])
@@ -241,13 +318,19 @@ def render(rows: list[dict], budgets: list[float]) -> str:
         "",
         "acc A / acc B: task-aware (argmax over the task's own head); mean: their mean; joint: argmax over all 10 "
         "logits; joint (conf): the head with the more confident softmax decides. 'partial' and 'PLeaS' share one "
-        "activation matching (its time is included in both); every merge but 'partial, no BN reset' has its "
-        "BatchNorm statistics re-estimated on the unlabeled images.",
+        "activation matching (its time is included in both), the ZipIt! rows share one collection of statistics "
+        "(likewise); every merge but 'partial, no BN reset' has its BatchNorm statistics re-estimated on the "
+        "unlabeled images. " + selection,
         "",
         f"PLeaS ≥ partial ≥ WM average, per budget — mean task accuracy: {ordered(mean)}; joint: {ordered(joint)}; "
         f"joint (conf): {ordered(conf)}.",
-        f"At budget {first:g}, PLeaS closes {closed(mean, first)} of the gap between WM averaging and the ensemble in "
-        f"mean task accuracy ({closed(joint, first)} in joint, {closed(conf, first)} in joint (conf)).",
+        f"ZipIt! ≥ partial at equal width, per budget — mean task accuracy: {at_least('ZipIt!', 'partial', mean)}; "
+        f"joint: {at_least('ZipIt!', 'partial', joint)}; joint (conf): {at_least('ZipIt!', 'partial', conf)}.",
+        f"PLeaS − ZipIt!, per budget (points) — mean task accuracy: {lead(mean)}; joint: {lead(joint)}; "
+        f"joint (conf): {lead(conf)}.",
+        f"At budget {first:g}, of the gap between WM averaging and the ensemble, PLeaS closes {closed('PLeaS', mean, first)} "
+        f"in mean task accuracy ({closed('PLeaS', joint, first)} in joint, {closed('PLeaS', conf, first)} in joint (conf)), "
+        f"ZipIt! {closed('ZipIt!', mean, first)} ({closed('ZipIt!', joint, first)}, {closed('ZipIt!', conf, first)}).",
     ]
     return "\n".join(lines)
 
@@ -263,7 +346,7 @@ def plot(rows: list[dict], budgets: list[float], path: Path) -> None:
     panels = (("mean task accuracy", mean), ("joint accuracy (argmax of 10 logits)", lambda r: r["joint"]),
               ("joint accuracy (more confident head)", lambda r: r["conf"]))  # fmt: skip
     for ax, (title, metric) in zip(axes, panels):
-        for method, style in (("partial, no BN reset", "x:"), ("partial", "o-"), ("PLeaS", "s-")):
+        for method, style in (("partial, no BN reset", "x:"), ("partial", "o-"), ("PLeaS", "s-"), ("ZipIt!", "^-")):
             ax.plot(budgets, [100 * metric(by[(method, b)]) for b in budgets], style, label=method)
         ax.axhline(100 * metric(by[("ensemble", None)]), color="k", ls="--", label="ensemble")
         ax.axhline(100 * metric(by[("WM average", 1.0)]), color="gray", ls="-.", label="WM average")

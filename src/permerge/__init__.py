@@ -23,6 +23,7 @@ from permerge.merge import interpolate
 from permerge.merge.many import merge_many
 from permerge.merge.partial import partial_merge
 from permerge.merge.pleas import pleas
+from permerge.merge.zipit import zipit
 from permerge.permutation import Permutation, identity, inverse, random_permutation
 from permerge.plot import plot_curves
 from permerge.repair import repair, repair_merge, repair_transform, reset_bn_stats
@@ -45,6 +46,7 @@ __all__ = [
     "merge_many",
     "partial_merge",
     "pleas",
+    "zipit",
     "ste_matching",
     "stream_weight_matching",
     "weight_matching",

@@ -22,25 +22,10 @@ FACTORIES = {
 }
 
 
-def _pair(name):
-    models = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        m = FACTORIES[name]().eval()
-        for mod in m.modules():  # make BatchNorm matter: statistics and affine far from the identity
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_()
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.data.normal_()
-                mod.bias.data.normal_()
-        models.append(m)
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    return models[0], models[1], x
-
-
 @pytest.fixture(scope="module", params=sorted(FACTORIES))
-def setup(request):
-    a, b, x = _pair(request.param)
+def setup(request, bn_models):
+    a, b = bn_models(FACTORIES[request.param], (0, 1))
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     traced = trace_graph(a, x)
     perm = pm.random_permutation(traced.spec, seed=3)
     gen = torch.Generator().manual_seed(4)

@@ -5,8 +5,10 @@ safetensors (how each input was permuted), OUT/spec.json and OUT/provenance.json
 weight (weight-match every model to the first, then average with --weights), many (MergeMany),
 average (no alignment: the naive baseline); for two models also partial (keep the least-matched
 units of both, within --budget) and pleas (partial merging refitted by layer-wise least squares on
---data). These write a wider model (same keys, larger shapes) and OUT/architecture.json (the width
-of every group); load it with permerge.merge.partial.widen_module(model, state_dict).
+--data); for two or more, zipit (ZipIt!: features merged within and across models on --data, with
+--alpha, --beta and a partial --zip-depth). These write a wider model (same keys, larger shapes) and
+OUT/architecture.json (the width of every group); load it with
+permerge.merge.partial.widen_module(model, state_dict).
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from permerge.io.outputs import OutputDir, result_files
 from permerge.io.read import file_bytes
 from permerge.io.write import text_writer
 from permerge.merge.combine import METHODS, check_merge_request, merge_models
+from permerge.merge.zipit import check_options
 from permerge.report import write_report
 
-HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS)"
+HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS, ZipIt!)"
 EPILOG = """examples:
   permerge merge --model resnet20 a.safetensors b.safetensors -o merged/
   permerge merge --model resnet20 a.pt b.pt c.pt --method many -o merged/
   permerge merge --model mlp a.pt b.pt --weights 0.7,0.3 -o merged/
   permerge merge --model resnet20 a.pt b.pt --method pleas --budget 1.5 --data mypkg.data:unlabeled -o merged/
   permerge merge --model resnet20 a.pt b.pt --method partial --budget '{"blocks.0.conv1.weight:0": 2}' -o merged/
+  permerge merge --model resnet20 a.pt b.pt c.pt --method zipit --zip-depth 0.5 --data mypkg.data:unlabeled -o merged/
 """
 
 
@@ -45,10 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="comma-separated interpolation weights summing to 1 (default: uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", default="1.0",
-                   help="partial/pleas: merged width ratio in [1, 2], or a JSON object {group: ratio} (others: 1.0)")  # fmt: skip
-    p.add_argument("--data", help="package.module:function returning unlabeled batches (pleas; partial: activation matching)")
-    p.add_argument("--keep-heads", action="store_true", help="partial/pleas: keep both models' outputs (A's, then B's)")
-    p.add_argument("--batches", type=int, default=16, help="pleas: batches of --data used")
+                   help="partial/pleas: merged width ratio in [1, 2] (zipit: [1, number of models]), or a JSON object "
+                        "{group: ratio} (others: 1.0)")  # fmt: skip
+    p.add_argument("--data", help="package.module:function returning unlabeled batches (pleas, zipit; partial: activation matching)")
+    p.add_argument("--keep-heads", action="store_true",
+                   help="partial/pleas/zipit: keep every model's outputs (in order; a partial zip always does)")  # fmt: skip
+    p.add_argument("--batches", type=int, default=16, help="pleas/zipit: batches of --data used")
+    p.add_argument("--alpha", type=float, default=0.5, help="zipit: repeated matching in [0, 1] (0: merge a feature once)")
+    p.add_argument("--beta", type=float, default=0.5, help="zipit: share of same-model merges in [0, 1] (0: none)")
+    p.add_argument("--zip-depth", help="zipit: zip up to this fraction of the layers (0..1) or these comma-separated "
+                                       "groups; the rest stay per-model heads (default: zip everything)")  # fmt: skip
     p.add_argument("--max-seconds", type=float, help="pleas: time budget of the least-squares step")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
 
@@ -63,7 +73,16 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    """Method-specific options from the flags (pleas: batches, time budget)."""
+    """Method-specific options from the flags (pleas: batches, time budget; zipit: alpha, beta, depth, batches)."""
+    if args.method == "zipit":
+        depth: float | list[str] | None = None
+        if args.zip_depth is not None:
+            try:
+                depth = float(args.zip_depth)
+            except ValueError:
+                depth = [g.strip() for g in args.zip_depth.split(",") if g.strip()]
+        check_options(args.alpha, args.beta, depth)
+        return {"alpha": args.alpha, "beta": args.beta, "depth": depth, "batches": args.batches}
     return {"batches": args.batches, "max_seconds": args.max_seconds} if args.method == "pleas" else {}
 
 
@@ -72,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise PermergeError("merge needs at least two checkpoints")
     weights, budget = _weights(args.weights), _budget(args.budget)
     check_merge_request(args.method, len(args.checkpoints), weights=weights, budget=budget, has_data=args.data is not None)
+    options = _options(args)
     for i, c in enumerate(args.checkpoints):
         if not Path(c).exists():
             raise PermergeIOError(f"checkpoint {i} not found: {c}")
@@ -80,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
     with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=expected) as out:
         ref = load_model(args.model, args)
         loaded = [load_checkpoint(ref.model, c, f"checkpoint {i}") for i, c in enumerate(args.checkpoints)]
-        data = data_from(args.data) if args.method in ("partial", "pleas") and args.data else None
+        data = data_from(args.data) if args.method in ("partial", "pleas", "zipit") and args.data else None
         res = merge_models([m.model for m in loaded], ref.inputs, method=args.method, weights=weights,
                            example_kwargs=ref.kwargs, seed=args.seed, budget=budget, data=data,
-                           keep_heads=args.keep_heads, pleas_options=_options(args), quiet=args.quiet)  # fmt: skip
+                           keep_heads=args.keep_heads, options=options, quiet=args.quiet)  # fmt: skip
         keys = loaded[0]
         files = result_files({"model": keys.checkpoint_state(res.model.state_dict())},
                              {f"permutation_{i}": p for i, p in enumerate(res.permutations)},

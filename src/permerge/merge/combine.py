@@ -24,6 +24,7 @@ from permerge.merge import check_merge_weights, merge
 from permerge.merge.many import merge_many
 from permerge.merge.partial import Budget, partial_merge
 from permerge.merge.pleas import pleas
+from permerge.merge.zipit import zipit
 from permerge.permutation import Permutation, identity, is_identity
 from permerge.pipeline import positive
 from permerge.spec import PermutationSpec
@@ -123,21 +124,35 @@ def _pleas(req: MergeRequest) -> _Merged:
     return _Merged(res.model, (identity(part.spec), part.permutation), part.spec, report, res.architecture())
 
 
+def _zipit(req: MergeRequest) -> _Merged:
+    res = zipit(req.models, req.data, budget=req.budget, keep_heads=req.keep_heads or None, spec=req.spec,  # type: ignore[arg-type]
+                example_kwargs=req.example_kwargs, quiet=req.quiet, **req.options)  # fmt: skip
+    report = {
+        "budget": req.budget, "alpha": res.alpha, "beta": res.beta, "keep_heads": res.keep_heads, "zipped": list(res.zipped),
+        "widths": dict(res.widths), "notes": list(res.notes), "timing_s": dict(res.timing),
+        "merges": {g: {"within": s.within, "across": s.across, "correlation": s.correlation} for g, s in res.stats.items()},
+    }  # fmt: skip
+    return _Merged(res.model, res.permutations, res.spec, report, res.architecture())
+
+
 METHODS: dict[str, Callable[[MergeRequest], _Merged]] = {
     "weight": _weight,
     "many": _many,
     "average": _average,
     "partial": _partial,
     "pleas": _pleas,
+    "zipit": _zipit,
 }
 """Merge method name → function. ``weight``: weight-match every model to the first, then average
 with ``weights``; ``many``: MergeMany (align each to the mean of the others until stable), uniform;
 ``average``: no alignment (the naive baseline); ``partial`` (2 models): align B to A (activation
 matching on ``data``, else weight matching) and merge partially within ``budget``; ``pleas`` (2
-models, needs ``data``): PLeaS. The last two return a wider model and its ``architecture``."""
+models, needs ``data``): PLeaS; ``zipit`` (2+ models, needs ``data``): ZipIt! (features merged within
+and across models, budget in [1, N], options ``alpha``, ``beta``, ``depth``, ``batches``). The last
+three return a wider model and its ``architecture``."""
 
 _TWO_MODELS = frozenset({"partial", "pleas"})
-_UNIFORM = frozenset({"many", "partial", "pleas"})
+_UNIFORM = frozenset({"many", "partial", "pleas", "zipit"})
 
 
 def check_merge_request(method: str, n_models: int, *, weights: Sequence[float] | None, budget: Budget,
@@ -153,13 +168,15 @@ def check_merge_request(method: str, n_models: int, *, weights: Sequence[float] 
     if weights is not None and method in _UNIFORM:
         raise PermergeError(f"--method {method} averages matched units equally; drop --weights (or use --method weight)")
     check_merge_weights(weights, n_models)
-    if method in _TWO_MODELS:
+    if method in _TWO_MODELS or method == "zipit":
+        top = n_models if method == "zipit" else 2
         ratios = budget.values() if isinstance(budget, Mapping) else [budget]
         for r in ratios:
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 1.0 <= r <= 2.0):
-                raise PermergeError(f"budget ratios must be numbers in [1, 2], got {r!r}")
-    if method == "pleas" and not (has_data if has_data is not None else data is not None):
-        raise PermergeError("PLeaS needs unlabeled data: pass data=... (--data package.module:function)")
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not (math.isfinite(r) and 1.0 <= r <= top):
+                raise PermergeError(f"budget ratios must be numbers in [1, {top}], got {r!r}")
+    if method in ("pleas", "zipit") and not (has_data if has_data is not None else data is not None):
+        name = "PLeaS" if method == "pleas" else "ZipIt!"
+        raise PermergeError(f"{name} needs unlabeled data: pass data=... (--data package.module:function)")
 
 
 def check_permutations(models: Sequence[nn.Module], result: _Merged, example_inputs: Any,
@@ -191,7 +208,7 @@ def merge_models(
     budget: Budget = 1.0,
     data: Iterable[Any] | None = None,
     keep_heads: bool = False,
-    pleas_options: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
     quiet: bool = False,
     tol: float = 1e-4,
 ) -> MergeResult:
@@ -203,14 +220,16 @@ def merge_models(
     (:func:`~permerge.check.check_function_preserved`, eval and train mode, two batch sizes), or
     :class:`~permerge.errors.FunctionNotPreservedError` is raised; the largest error is
     ``report["function_preservation_error"]`` (0.0 when nothing was permuted). ``keep_heads``
-    (partial, pleas) keeps both models' outputs (concatenated, A's first).
+    (partial, pleas, zipit) keeps every model's outputs (concatenated, in model order); ``options``
+    are the method's own keyword arguments (pleas: ``batches``, ``max_seconds``, …; zipit: ``alpha``,
+    ``beta``, ``depth``, ``batches``).
     """
     start = time.perf_counter()
     check_merge_request(method, len(models), weights=weights, budget=budget, data=data)
     positive("tol", tol)
     check_compatible(models, [f"model {i}" for i in range(len(models))])
     req = MergeRequest(models, example_inputs, weights, spec, example_kwargs, seed, budget, data, keep_heads,
-                       pleas_options or {}, quiet)  # fmt: skip
+                       options or {}, quiet)  # fmt: skip
     res = METHODS[method](req)
     checks = check_permutations(models, res, example_inputs, example_kwargs, tol, seed)
     errors = [r.relative_error for r in checks if r is not None]

@@ -20,6 +20,11 @@ never as dense matrices. Spaces no group owns (model inputs and outputs, frozen 
 shared: the first layer reads the one input, the output layer averages the two models' outputs
 (with ``keep_heads`` it concatenates them instead: each model keeps its own head).
 
+The maps are one merged slot per unit per model (:class:`GroupMerge`, :class:`DimMap`), so they
+serve any number of models and any assignment of units to slots: ZipIt!
+(:mod:`permerge.merge.zipit`) sends two units of one model to one slot, or keeps every model's
+units apart past its zip point, through the same :func:`merge_state_dicts`.
+
 Consequences, which the tests check: with budget 1 every tensor is ``(A + π(B)) / 2`` bit for
 bit, i.e. aligned interpolation at α = ½; with budget 2 the merged model computes both models'
 features exactly (its logits are the mean of A's and B's, or both with ``keep_heads``) provided
@@ -48,7 +53,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -70,10 +75,18 @@ __all__ = [
     "DimMap",
     "GroupMerge",
     "PartialMergeResult",
+    "WidenedMerge",
+    "check_forward",
+    "consumer_axes",
+    "head_merges",
+    "merge_state_dicts",
+    "output_groups",
     "partial_merge",
     "register_width_rule",
     "resolve_budget",
+    "unwidenable",
     "widen_module",
+    "widen_with_notes",
 ]
 
 Budget = float | Mapping[str, float]
@@ -88,114 +101,134 @@ class BudgetError(PermergeError, ValueError):
 
 @dataclass(frozen=True)
 class GroupMerge:
-    """One group's merge: ``unmerged`` are A's positions whose matched pair is kept apart.
+    """One group's merge of ``models`` models: ``slots[m][i]`` is the merged slot of model ``m``'s unit ``i``.
 
-    Merged-space layout: slot ``i < n`` holds unit ``i`` (the pair's average, or A's unit when the
-    pair is kept apart); slots ``n .. n+k-1`` hold B's kept-apart units in ascending unit order.
+    Slots range over ``0 .. width-1``; a slot that several units are sent to holds their average
+    (a merged feature), a slot one unit is sent to holds that unit. Units of one model may share a
+    slot (ZipIt!'s within-model merges). Partial merging's layout (:meth:`pairs`): slot ``i < n``
+    holds unit ``i`` (the pair's average, or A's unit when the pair is kept apart); slots
+    ``n .. n+k-1`` hold B's kept-apart units in ascending unit order.
     """
 
     name: str
     size: int
-    unmerged: torch.Tensor  # int64, ascending
+    width: int
+    slots: tuple[torch.Tensor, ...]  # int64, one per model, each of length ``size``
+
+    @classmethod
+    def pairs(cls, name: str, size: int, unmerged: torch.Tensor) -> GroupMerge:
+        """Two aligned models: A's and B's unit ``i`` share slot ``i`` unless ``i`` is ``unmerged``."""
+        b = torch.arange(size)
+        b[unmerged] = size + torch.arange(len(unmerged))
+        return cls(name, size, size + len(unmerged), (torch.arange(size), b))
+
+    @classmethod
+    def ensemble(cls, name: str, size: int, models: int) -> GroupMerge:
+        """Every unit of every model kept: model ``m``'s unit ``i`` at slot ``m·size + i``."""
+        return cls(name, size, size * models, tuple(m * size + torch.arange(size) for m in range(models)))
 
     @property
-    def width(self) -> int:
-        return self.size + len(self.unmerged)
+    def models(self) -> int:
+        return len(self.slots)
 
-    def b_slots(self) -> torch.Tensor:
-        """Merged slot of B's (aligned) unit ``i``."""
-        slots = torch.arange(self.size)
-        slots[self.unmerged] = self.size + torch.arange(len(self.unmerged))
-        return slots
+    @property
+    def shared(self) -> bool:
+        """Every model's unit ``i`` sits at slot ``i`` (aligned averaging: nothing moves or widens)."""
+        return self.width == self.size and all(torch.equal(s, torch.arange(self.size)) for s in self.slots)
 
 
 @dataclass(frozen=True)
 class DimMap:
     """The merge (``M``) and unmerge (``U``) maps of one tensor dimension, as slot indices.
 
-    Position ``p`` of A's tensor goes to merged position ``a_slot[p]``, position ``p`` of π(B)'s
-    to ``b_slot[p]``. ``U`` is that assignment (a merged position is read by every ensemble position
-    sent to it); ``M`` is its transpose normalised to average (``M U = I``).
+    Position ``p`` of model ``m``'s tensor goes to merged position ``slots[m][p]``. ``U`` is that
+    assignment (a merged position is read by every ensemble position sent to it); ``M`` is its
+    transpose normalised to average (``M U = I``).
     """
 
     length: int
     width: int
-    a_slot: torch.Tensor
-    b_slot: torch.Tensor
+    slots: tuple[torch.Tensor, ...]
 
     @classmethod
-    def shared(cls, length: int) -> DimMap:
-        """A space both models share (frozen): A and B map to the same positions."""
+    def shared(cls, length: int, models: int = 2) -> DimMap:
+        """A space every model shares (frozen): all map to the same positions."""
         idx = torch.arange(length)
-        return cls(length, length, idx, idx)
+        return cls(length, length, (idx,) * models)
+
+    @property
+    def models(self) -> int:
+        return len(self.slots)
 
     def counts(self) -> torch.Tensor:
-        return torch.bincount(torch.cat([self.a_slot, self.b_slot]), minlength=self.width)
+        return torch.bincount(torch.cat(self.slots), minlength=self.width)
 
-    def scatter(self, t: torch.Tensor, dim: int, model: str) -> torch.Tensor:
-        """Sum ``t``'s positions along ``dim`` into the merged layout (``model`` is "a" or "b")."""
-        slot = self.a_slot if model == "a" else self.b_slot
+    def scatter(self, t: torch.Tensor, dim: int, model: int) -> torch.Tensor:
+        """Sum model ``model``'s positions of ``t`` along ``dim`` into the merged layout (``U``)."""
         shape = list(t.shape)
         shape[dim] = self.width
-        return t.new_zeros(shape).index_add_(dim, slot.to(t.device), t)
+        return t.new_zeros(shape).index_add_(dim, self.slots[model].to(t.device), t)
 
-    def merge(self, a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-        """``M`` applied to the ensemble ``[a; b]`` along ``dim``: the merged-space features."""
-        out = self.scatter(a, dim, "a") + self.scatter(b, dim, "b")
+    def merge(self, *features: torch.Tensor, dim: int) -> torch.Tensor:
+        """``M`` applied to the ensemble ``[f_0; f_1; …]`` along ``dim``: the merged-space features."""
+        if len(features) != self.models:
+            raise ValueError(f"this map merges {self.models} models' features, got {len(features)}")
+        out = sum(self.scatter(f, dim, m) for m, f in enumerate(features))
         shape = [1] * out.dim()
         shape[dim] = self.width
         return out / self.counts().to(out).view(shape)
 
 
-def _dim_map(key: str, dim: int, length: int, members: list[tuple[GroupMerge, Axis]]) -> DimMap:
+def _dim_map(key: str, dim: int, length: int, members: list[tuple[GroupMerge, Axis]], models: int) -> DimMap:
     """Layout of one dimension: group segments widened in place, frozen gaps kept as they are."""
-    if all(gm.width == gm.size for gm, _ in members):
-        return DimMap.shared(length)  # no group here widens: A and B land on the same positions
+    if all(gm.shared for gm, _ in members):
+        return DimMap.shared(length, models)  # nothing moves here: every model lands on the same positions
     bad = sorted({gm.name for gm, ax in members if ax.repeat != 1})
     if bad:
         raise BudgetError(
-            f"{key!r} dim {dim} holds groups laid out as heads (repeat > 1): {bad}; widening them is not "
+            f"{key!r} dim {dim} holds groups laid out as heads (repeat > 1): {bad}; widening or zipping them is not "
             "supported: give every group on this dimension budget 1.0"
         )
-    a_slot = torch.empty(length, dtype=torch.long)
-    b_slot = torch.empty(length, dtype=torch.long)
+    slots = [torch.empty(length, dtype=torch.long) for _ in range(models)]
     pos = new = 0
     for gm, ax in sorted(members, key=lambda m: m[1].offset):
         start, stop = ax.offset, ax.offset + gm.size * ax.block
         if start < pos or stop > length:
             raise SpecError(f"{key!r} dim {dim}: group {gm.name!r} overlaps another group or runs past the end")
         gap = torch.arange(new, new + start - pos)
-        a_slot[pos:start] = gap
-        b_slot[pos:start] = gap
-        new += start - pos
         unit = torch.arange(gm.size).repeat_interleave(ax.block)
         within = torch.arange(ax.block).repeat(gm.size)
-        a_slot[start:stop] = new + unit * ax.block + within
-        b_slot[start:stop] = new + gm.b_slots()[unit] * ax.block + within
-        new += gm.width * ax.block
+        for s, g in zip(slots, gm.slots):
+            s[pos:start] = gap
+            s[start:stop] = new + start - pos + g[unit] * ax.block + within
+        new += start - pos + gm.width * ax.block
         pos = stop
-    a_slot[pos:] = b_slot[pos:] = torch.arange(new, new + length - pos)
-    return DimMap(length, new + length - pos, a_slot, b_slot)
+    for s in slots:
+        s[pos:] = torch.arange(new, new + length - pos)
+    return DimMap(length, new + length - pos, tuple(slots))
 
 
 # -- budgets --------------------------------------------------------------------------------------
 
 
-def _check_value(where: str, value: Any) -> float:
+def _check_value(where: str, value: Any, models: int = 2) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise BudgetError(f"{where} must be a number in [1, 2], got {value!r}") from None
-    if not 1.0 <= v <= 2.0:  # also rejects NaN
+        raise BudgetError(f"{where} must be a number in [1, {models}], got {value!r}") from None
+    if not 1.0 <= v <= models:  # also rejects NaN
+        kept = "both models kept" if models == 2 else f"all {models} models kept"
         raise BudgetError(
-            f"{where} is {v:g}; a budget is the merged width over the original width, in [1, 2] "
-            "(1.0: fully merged, like aligned averaging; 2.0: both models kept, an ensemble)"
+            f"{where} is {v:g}; a budget is the merged width over the original width, in [1, {models}] "
+            f"(1.0: fully merged, like aligned averaging; {models}.0: {kept}, an ensemble)"
         )
     return v
 
 
-def resolve_budget(spec: PermutationSpec, budget: Budget, fixed: Mapping[str, str] | None = None) -> dict[str, float]:
-    """Per-group budgets from a global float or a ``{group: float}`` dict (unnamed groups: 1.0).
+def resolve_budget(spec: PermutationSpec, budget: Budget, fixed: Mapping[str, str] | None = None, *,
+                   models: int = 2) -> dict[str, float]:  # fmt: skip
+    """Per-group budgets from a global float or a ``{group: float}`` dict (unnamed groups: 1.0);
+    a budget lies in ``[1, models]``.
 
     ``fixed`` maps groups that cannot widen to the reason: a global budget leaves them at 1.0, an
     explicit budget > 1 for one of them is an error.
@@ -220,18 +253,19 @@ def resolve_budget(spec: PermutationSpec, budget: Budget, fixed: Mapping[str, st
             )
         out = {n: 1.0 for n in names}
         for n, v in budget.items():
-            out[n] = _check_value(f"budget of group {n!r}", v)
+            out[n] = _check_value(f"budget of group {n!r}", v, models)
             if out[n] > 1.0 and n in fixed:
                 raise BudgetError(f"group {n!r} cannot be widened ({fixed[n]}); give it budget 1.0")
         return out
-    b = _check_value("budget", budget)
+    b = _check_value("budget", budget, models)
     if b > 1.0 and fixed:
         LOG.warning("keeping %d group(s) fully merged (cannot widen): %s", len(fixed), sorted(fixed))
     return {n: 1.0 if n in fixed else b for n in names}
 
 
-def _unwidenable(spec: PermutationSpec, tied: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
-    """Groups that must stay at width n, with the reason."""
+def unwidenable(spec: PermutationSpec, model: nn.Module) -> dict[str, str]:
+    """Groups of ``model`` that must stay at width n (attention-head layouts, tied parameters), with the reason."""
+    tied = _tied_keys(model)
     reasons: dict[str, str] = {}
     head_dims = {(a.key, a.dim) for g in spec.groups for a in g.members if a.repeat != 1}
     for g in spec.groups:
@@ -374,10 +408,11 @@ def widen_module(template: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
         >>> wide.out_features, tuple(lin.weight.shape)
         (4, (2, 3))
     """
-    return _widen(template, state_dict)[0]
+    return widen_with_notes(template, state_dict)[0]
 
 
-def _widen(template: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, tuple[str, ...]]:
+def widen_with_notes(template: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple[nn.Module, tuple[str, ...]]:
+    """:func:`widen_module`, plus the width rules' notes (norms that only approximate the ensemble)."""
     model = copy.deepcopy(template)
     own = model.state_dict(keep_vars=True)
     missing, extra = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
@@ -417,35 +452,46 @@ def _widen(template: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> tuple
 # -- the merge ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PartialMergeResult:
-    """The widened model, its state dict, and how every group was merged.
+@dataclass(frozen=True, kw_only=True)
+class WidenedMerge:
+    """A merged model that may be wider than its members: the model, its state dict, the layout.
 
-    ``widths[g]`` is the merged width of group ``g`` (its size plus the units kept apart),
-    ``unmerged[g]`` A's positions whose matched pair was kept apart, ``maps[(key, dim)]`` the
-    merge/unmerge slots of every widened or merged tensor dimension. With ``keep_heads`` the model's
-    output holds A's outputs, then B's, along the output dimension.
+    ``sizes[g]`` / ``widths[g]`` are group ``g``'s original and merged widths, ``maps[(key, dim)]``
+    the merge/unmerge slots of every tensor dimension a group touches (``models`` models merged).
+    With ``keep_heads`` the model's output holds every model's outputs, in order, along the output
+    dimension.
     """
 
     model: nn.Module
     state_dict: Mapping[str, torch.Tensor]
     spec: PermutationSpec
-    permutation: Permutation
-    budgets: Mapping[str, float]
     sizes: Mapping[str, int]
     widths: Mapping[str, int]
-    unmerged: Mapping[str, torch.Tensor]
     maps: Mapping[tuple[str, int], DimMap]
     widened: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # key → new shape (changed ones)
     keep_heads: bool = False
     notes: tuple[str, ...] = ()
+    models: int = 2
 
     def output_map(self, key: str, dim: int = 0) -> DimMap:
         """Merge map of the features produced along ``dim`` of tensor ``key`` (shared if no group)."""
-        return self.maps.get((key, dim)) or DimMap.shared(self.state_dict[key].shape[dim])
+        return self.maps.get((key, dim)) or DimMap.shared(self.state_dict[key].shape[dim], self.models)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialMergeResult(WidenedMerge):
+    """How two models were merged partially: B's alignment, the budgets, the pairs kept apart.
+
+    ``widths[g]`` is the group's size plus the units kept apart; ``unmerged[g]`` A's positions whose
+    matched pair was kept apart. With ``keep_heads`` the output holds A's outputs, then B's.
+    """
+
+    permutation: Permutation
+    budgets: Mapping[str, float]
+    unmerged: Mapping[str, torch.Tensor]
 
     def architecture(self) -> dict[str, Any]:
         """A JSON-able description: per-group sizes, widths and units kept apart; widened shapes."""
@@ -464,24 +510,27 @@ class PartialMergeResult:
             },
             "tensors": {k: list(v) for k, v in sorted(self.widened.items())},
             "notes": list(self.notes),
-            "load": "build the original architecture, then permerge.merge.partial.widen_module(model, state_dict)",
+            "load": LOAD_HINT,
         }  # fmt: skip
 
 
-def _consumer_axes(spec: PermutationSpec) -> frozenset[tuple[str, int]]:
+LOAD_HINT = "build the original architecture, then permerge.merge.partial.widen_module(model, state_dict)"
+
+
+def consumer_axes(spec: PermutationSpec) -> frozenset[tuple[str, int]]:
     """``(key, dim)`` of every axis that reads a group's features, from the traced axis roles."""
     axes = [a for g in spec.groups for a in g.members] + [a for f in spec.frozen for a in f.members]
     unknown = sorted({f"{a.key}:{a.dim}" for a in axes if a.role is None})
     if unknown:
         raise SpecError(
-            f"partial merging must know which axes read a group's features and which produce them, but "
+            f"widening merges (partial, PLeaS, ZipIt!) must know which axes read a group's features and which produce them, but "
             f"{len(unknown)} axes have no role (e.g. {unknown[0]}): pass a traced spec (permerge.trace) or set "
             "each axis's \"role\" (\"producer\"/\"consumer\") in the spec JSON"
         )
     return frozenset((a.key, a.dim) for a in axes if a.role == CONSUMER)
 
 
-def _output_groups(spec: PermutationSpec, consumers: frozenset[tuple[str, int]]) -> list[tuple[str, int, tuple[Axis, ...]]]:
+def output_groups(spec: PermutationSpec, consumers: frozenset[tuple[str, int]]) -> list[tuple[str, int, tuple[Axis, ...]]]:
     """The model-output spaces as ``(name, size, members)``, for ``keep_heads``."""
     out = []
     for i, f in enumerate(spec.frozen):
@@ -542,48 +591,37 @@ def partial_merge(
         >>> dict(res.widths), res.model.net[1].out_features
         ({'net.1.weight:0': 12}, 12)
     """
-    consumers = _consumer_axes(spec)
+    consumers = consumer_axes(spec)
     sd_a, sd_b = model_a.state_dict(), model_b.state_dict()
     check_same_architecture([sd_a, sd_b], ["model A", "model B"])
     spec.validate(sd_a)
     check_permutation(spec, perm)
-    fixed = _unwidenable(spec, _tied_keys(model_a))
+    fixed = unwidenable(spec, model_a)
     budgets = resolve_budget(spec, budget, fixed)
     sd_bp = apply_permutation(spec, perm, sd_b)
 
     merges: dict[str, GroupMerge] = {}
-    members: dict[tuple[str, int], list[tuple[GroupMerge, Axis]]] = {}
+    unmerged: dict[str, torch.Tensor] = {}
     for g in spec.groups:
         k = min(g.size, max(0, _round_half_up((budgets[g.name] - 1.0) * g.size)))
-        unmerged = torch.zeros(0, dtype=torch.long)
+        unmerged[g.name] = torch.zeros(0, dtype=torch.long)
         if k:
             scores = _pair_scores(spec, g.name, perm, costs, sd_a, sd_bp, consumers)
-            unmerged = torch.sort(torch.argsort(scores, stable=True)[:k]).values
-        merges[g.name] = GroupMerge(g.name, g.size, unmerged)
-        for ax in g.members:
-            members.setdefault((ax.key, ax.dim), []).append((merges[g.name], ax))
+            unmerged[g.name] = torch.sort(torch.argsort(scores, stable=True)[:k]).values
+        merges[g.name] = GroupMerge.pairs(g.name, g.size, unmerged[g.name])
+    layout = {g.name: (merges[g.name], g.members) for g in spec.groups}
     if keep_heads:
-        for name, size, axes in _output_groups(spec, consumers):
-            merges[name] = GroupMerge(name, size, torch.arange(size))  # every output unit of both kept
-            for ax in axes:
-                members.setdefault((ax.key, ax.dim), []).append((merges[name], ax))
-
-    maps = {(key, dim): _dim_map(key, dim, sd_a[key].shape[dim], ms) for (key, dim), ms in members.items()}
-    producer_dims = {kd for kd in maps if kd not in consumers}
-    by_key: dict[str, dict[int, DimMap]] = {}
-    for (key, dim), m in maps.items():
-        by_key.setdefault(key, {})[dim] = m
-    merged_sd = {
-        key: _merge_tensor(sd_a[key], sd_bp[key], by_key.get(key, {}), {d for (k, d) in producer_dims if k == key})
-        for key in sd_a
-    }
-    model, width_notes = _widen(model_a, merged_sd)
+        layout.update(heads := head_merges(spec, consumers, 2))
+        merges.update({name: gm for name, (gm, _) in heads.items()})
+        unmerged.update({name: torch.arange(gm.size) for name, (gm, _) in heads.items()})
+    merged_sd, maps = merge_state_dicts([sd_a, sd_bp], layout, consumers)
+    model, width_notes = widen_with_notes(model_a, merged_sd)
     global_budget = None if isinstance(budget, Mapping) else float(budget)
     notes = [f"group {g!r} kept fully merged: {why}" for g, why in sorted(fixed.items()) if (global_budget or 1.0) > 1.0]
     notes += width_notes
     widths = {n: m.width for n, m in merges.items()}
     if check and example_inputs is not None:
-        _check_forward(model, example_inputs, example_kwargs, sorted(n for n, m in merges.items() if m.width != m.size))
+        check_forward(model, example_inputs, example_kwargs, sorted(n for n, m in merges.items() if m.width != m.size))
     LOG.info("partial merge: widths %s", {n: f"{merges[n].size}→{w}" for n, w in widths.items() if w != merges[n].size})
     return PartialMergeResult(
         model=model.eval(),
@@ -593,7 +631,7 @@ def partial_merge(
         budgets=MappingProxyType(budgets),
         sizes=MappingProxyType({n: m.size for n, m in merges.items()}),
         widths=MappingProxyType(widths),
-        unmerged=MappingProxyType({n: m.unmerged for n, m in merges.items()}),
+        unmerged=MappingProxyType(unmerged),
         maps=MappingProxyType(maps),
         widened=MappingProxyType({k: tuple(v.shape) for k, v in merged_sd.items() if v.shape != sd_a[k].shape}),
         keep_heads=keep_heads,
@@ -601,32 +639,74 @@ def partial_merge(
     )
 
 
-def _merge_tensor(ta: torch.Tensor, tb: torch.Tensor, dims: Mapping[int, DimMap], producers: set[int]) -> torch.Tensor:
-    """One merged tensor: scatter A's and π(B)'s entries into the merged layout along every group
+def head_merges(spec: PermutationSpec, consumers: frozenset[tuple[str, int]], models: int
+                ) -> dict[str, tuple[GroupMerge, tuple[Axis, ...]]]:  # fmt: skip
+    """``keep_heads``: every model-output space as a group whose units all stay apart (outputs
+    concatenated in model order), keyed ``<model output i>``, with the axes that produce it."""
+    return {name: (GroupMerge.ensemble(name, size, models), axes) for name, size, axes in output_groups(spec, consumers)}
+
+
+def merge_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    merges: Mapping[str, tuple[GroupMerge, Sequence[Axis]]],
+    consumers: frozenset[tuple[str, int]],
+) -> tuple[dict[str, torch.Tensor], dict[tuple[str, int], DimMap]]:
+    """The merged state dict of ``state_dicts`` (each in its own basis) under per-group merges.
+
+    ``merges[g]`` is group ``g``'s :class:`GroupMerge` and the axes it owns. Every tensor is the
+    block-diagonal ensemble of the models' tensors with ``M`` applied along producer axes and ``U``
+    along consumer axes (``consumers``, from :func:`consumer_axes`); spaces no entry owns are
+    shared (averaged). Returns the state dict and the map of every dimension an entry touches.
+    """
+    members: dict[tuple[str, int], list[tuple[GroupMerge, Axis]]] = {}
+    for gm, axes in merges.values():
+        for ax in axes:
+            members.setdefault((ax.key, ax.dim), []).append((gm, ax))
+    ref, models = state_dicts[0], len(state_dicts)
+    maps = {(key, dim): _dim_map(key, dim, ref[key].shape[dim], ms, models) for (key, dim), ms in members.items()}
+    by_key: dict[str, dict[int, DimMap]] = {}
+    for (key, dim), m in maps.items():
+        by_key.setdefault(key, {})[dim] = m
+    merged = {
+        key: _merge_tensor([sd[key] for sd in state_dicts], by_key.get(key, {}),
+                           {d for d in by_key.get(key, {}) if (key, d) not in consumers})
+        for key in ref
+    }  # fmt: skip
+    return merged, maps
+
+
+def _merge_tensor(ts: Sequence[torch.Tensor], dims: Mapping[int, DimMap], producers: set[int]) -> torch.Tensor:
+    """One merged tensor: scatter every model's entries into the merged layout along every group
     dimension (``U`` on consumer axes), sum, then average along producer axes (``M``).
 
-    A tensor with no producer axis among its group dimensions feeds a space both models share (the
-    model output, say), so the two contributions are averaged: the output layer averages logits.
+    A tensor with no producer axis among its group dimensions feeds a space the models share (the
+    model output, say), so the contributions are averaged: the output layer averages logits.
     """
-    if not ta.is_floating_point():
-        return ta.clone()
+    ref = ts[0]
+    if not ref.is_floating_point():
+        return ref.clone()
+    w = 1.0 / len(ts)
     if not dims:
-        return (0.5 * ta.float() + 0.5 * tb.float()).to(ta.dtype)  # exactly what merge() computes
-    a, b = ta.float(), tb.float()
-    for d, m in dims.items():
-        a, b = m.scatter(a, d, "a"), m.scatter(b, d, "b")
-    out = a + b
+        return sum(w * t.float() for t in ts).to(ref.dtype)  # type: ignore[union-attr]  # exactly what merge() computes
+    parts = []
+    for m, t in enumerate(ts):
+        t = t.float()
+        for d, dm in dims.items():
+            t = dm.scatter(t, d, m)
+        parts.append(t)
+    out = sum(parts)
     for d in producers:
         shape = [1] * out.dim()
         shape[d] = dims[d].width
         out = out / dims[d].counts().to(out).view(shape)
     if not producers:
-        out = out * 0.5
-    return out.to(ta.dtype)
+        out = out * w
+    return out.to(ref.dtype)  # type: ignore[union-attr]
 
 
-def _check_forward(model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
-                   widened: list[str]) -> None:  # fmt: skip
+def check_forward(model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
+                  widened: list[str], fix: str = "give the groups involved budget 1.0") -> None:  # fmt: skip
+    """Run a widened model once; a failure (a forward that hard-codes a width) raises naming ``fix``."""
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with torch.no_grad():
@@ -635,5 +715,5 @@ def _check_forward(model: nn.Module, example_inputs: Any, example_kwargs: Mappin
         raise PermergeError(
             f"the widened model's forward failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
             "its forward code probably hard-codes a width (a reshape to a fixed size, a head count from a config). "
-            f"give the groups involved budget 1.0 (widened: {', '.join(widened) or 'none'})"
+            f"{fix} (widened: {', '.join(widened) or 'none'})"
         ) from e

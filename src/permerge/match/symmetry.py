@@ -57,6 +57,7 @@ from permerge.transform import (
     LinearMap,
     ScaledPermutation,
     Transform,
+    index_vectors,
     map_blocks,
     ones_basis,
     resolve_symmetries,
@@ -300,16 +301,7 @@ class _TransformCosts(_Costs):
         heads pair by what they compute whatever their current within-head maps."""
         if g not in self.partners:
             return super().matrix(g)
-        group, n = self.spec[g], self.spec[g].size
-        covered = {(ax.key, ax.dim) for p in self.partners[g] for ax in self.spec[p].members}
-        cost = torch.zeros(n, n, dtype=torch.float64)
-        for ax in group.members:
-            if (ax.key, ax.dim) not in covered:
-                x, y = (block_rows(t[ax.key], ax, n, 1)[0].float() for t in (self.a, self.b))
-                cost += (x @ y.T).double().cpu()
-        for p in self.partners[g]:
-            fa, fb = (_invariants(self.spec[p], t, n) for t in (self.a, self.b))
-            cost += (fa @ fb.T).double().cpu()
+        cost = head_cost(self.spec, g, self.partners[g], self.a, self.b)
         self.dirty[g] = False
         out = torch.empty_like(cost)
         out[:, self.perm[g]] = cost
@@ -406,11 +398,28 @@ class _TransformCosts(_Costs):
         return old, new, (q, s)
 
 
-def _partners(spec: PermutationSpec, heads: Any, maps: Mapping[str, torch.Tensor]) -> list[str]:
+def _partners(spec: PermutationSpec, heads: Any, maps: Iterable[str]) -> list[str]:
     """Dense groups with one map per unit of ``heads`` on a dimension ``heads`` permutes (its within-head maps)."""
     dims = {(ax.key, ax.dim) for ax in heads.members}
     return [g for g in maps if map_blocks(spec[g]) == heads.size and spec[g].size > 1
             and any((ax.key, ax.dim) in dims for ax in spec[g].members)]  # fmt: skip
+
+
+def head_cost(spec: PermutationSpec, g: str, partners: list[str], a: Mapping[str, torch.Tensor],
+              b: Mapping[str, torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``C[i, j]`` for heads group ``g``: A's head ``i`` against the head at B's position ``j``, by the
+    partners' invariants (:func:`_invariants`) plus plain rows on the members no partner covers."""
+    n = spec[g].size
+    covered = {(ax.key, ax.dim) for p in partners for ax in spec[p].members}
+    cost = torch.zeros(n, n, dtype=torch.float64)
+    for ax in spec[g].members:
+        if (ax.key, ax.dim) not in covered:
+            x, y = (block_rows(t[ax.key], ax, n, 1)[0].float() for t in (a, b))
+            cost += (x @ y.T).double().cpu()
+    for p in partners:
+        fa, fb = (_invariants(spec[p], t, n) for t in (a, b))
+        cost += (fa @ fb.T).double().cpu()
+    return cost
 
 
 def _invariants(group: Any, sd: Mapping[str, torch.Tensor], heads: int) -> torch.Tensor:
@@ -521,31 +530,85 @@ def transform_activation_matching(
     batches = list(itertools.islice(data, max_batches))
     kwargs = dict(example_kwargs or {})
     base = activation_matching(model_a, model_b, spec, batches, input_fn=input_fn, example_kwargs=kwargs, quiet=quiet)
-    rich = [g.name for g in spec.groups if classes[g.name] != PERMUTATION and g.size > 1]
-    transform: Transform = {g: p for g, p in base.permutation.items() if g not in rich}
-    gathers = {**transform, **{g: base.permutation[g] for g in rich if classes[g] == SCALED_PERMUTATION}}
-    sd_a = model_a.state_dict()
-    sd_b = apply_transform(spec, gathers, model_b.state_dict())
-    traced = trace_graph(model_a, input_fn(batches[0]), example_kwargs=kwargs)
-    moments, rms = _activation_moments(traced, spec, rich, sd_a, sd_b, batches, input_fn, kwargs)
-    opts = SolverOptions(regularization, max_condition, 0.0)
-    shapes = {k: v.shape for k, v in sd_b.items()}
-    for g in rich:
-        if classes[g] == SCALED_PERMUTATION:
-            p = base.permutation[g]
-            scale = torch.ones(spec[g].size, dtype=torch.float64)
-            scale[p] = rms[g][0] / rms[g][1].clamp_min(1e-30)
-            transform[g] = ScaledPermutation(p, torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0))
-            continue
-        k = map_blocks(spec[g])
-        blocks = source_blocks(spec, g, k, gathers, shapes) if k > 1 else [0]
-        step = torch.eye(spec[g].size, dtype=torch.float64).repeat(k, 1, 1)
-        _, _, found = solve_dense(g, classes[g], moments[g], g in keep_ones, opts, lambda s: s)
-        step[blocks] = found
-        transform[g] = LinearMap(step)
-    LOG.info("transform activation matching: %d groups (%d beyond permutations) on %d batches", len(spec.groups), len(rich), len(batches))
+    transform: Transform = {}
+    for g in spec.groups:
+        cls, n = classes[g.name], g.size
+        if cls in DENSE and n > 1:
+            transform[g.name] = LinearMap(torch.eye(n, dtype=torch.float64).repeat(map_blocks(g), 1, 1))
+        elif cls == SCALED_PERMUTATION and n > 1:
+            transform[g.name] = ScaledPermutation(base.permutation[g.name], torch.ones(n, dtype=torch.float64))
+        else:
+            transform[g.name] = base.permutation[g.name]
+    run = _ActivationRun(trace_graph(model_a, input_fn(batches[0]), example_kwargs=kwargs), spec, classes, keep_ones,
+                         model_a.state_dict(), model_b.state_dict(), batches, input_fn, kwargs,
+                         SolverOptions(regularization, max_condition, 0.0))  # fmt: skip
+    dense = [g for g in transform if isinstance(transform[g], LinearMap)]
+    flat = [g for g in dense if map_blocks(spec[g]) == 1]
+    scaled = [g for g in transform if isinstance(transform[g], ScaledPermutation)]
+    transform = run.refine(transform, flat + scaled)
+    transform = run.rematch_heads(transform, [g for g in dense if g not in flat])
+    transform = run.refine(transform, [g for g in dense if g not in flat])
+    LOG.info("transform activation matching: %d groups (%d beyond permutations) on %d batches", len(spec.groups),
+             len(dense) + len(scaled), len(batches))  # fmt: skip
     nan = float("nan")
     return TransformMatchingResult(transform, MappingProxyType(classes), nan, nan, nan, 0, True, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class _ActivationRun:
+    """What every stage of :func:`transform_activation_matching` measures with."""
+
+    traced: Traced
+    spec: PermutationSpec
+    classes: Mapping[str, str]
+    keep_ones: frozenset[str]
+    sd_a: Mapping[str, torch.Tensor]
+    sd_b: Mapping[str, torch.Tensor]
+    batches: list[Any]
+    input_fn: Callable[[Any], tuple[Any, ...]]
+    kwargs: Mapping[str, Any]
+    opts: SolverOptions
+
+    def refine(self, transform: Transform, groups: list[str], rounds: int = 2) -> Transform:
+        """Solve ``groups`` from activations of A and of B transformed so far; a second round solves
+        the remaining step (it removes the regularisation's pull towards the first round's start)."""
+        out = dict(transform)
+        for r in range(rounds if groups else 0):
+            b = apply_transform(self.spec, out, self.sd_b)
+            moments, rms = _activation_moments(self.traced, self.spec, groups, self.sd_a, b, self.batches,
+                                               self.input_fn, self.kwargs)  # fmt: skip
+            gathers, shapes = index_vectors(out), {k: v.shape for k, v in b.items()}
+            for g in groups:
+                cur = out[g]
+                if isinstance(cur, ScaledPermutation):
+                    if r == 0:
+                        scale = cur.scale.clone()
+                        ratio = rms[g][0] / rms[g][1].clamp_min(1e-30)
+                        scale[cur.perm] *= torch.where(torch.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+                        out[g] = ScaledPermutation(cur.perm, scale)
+                    continue
+                k = map_blocks(self.spec[g])
+                blocks = source_blocks(self.spec, g, k, gathers, shapes) if k > 1 else [0]
+                whole = lambda step, m=cur.matrix, bl=blocks: step @ m[bl]  # noqa: E731
+                _, _, step = solve_dense(g, self.classes[g], moments[g], g in self.keep_ones, self.opts, whole)
+                m = cur.matrix.clone()
+                m[blocks] = step @ m[blocks]
+                out[g] = LinearMap(m)
+        return out
+
+    def rematch_heads(self, transform: Transform, per_head: list[str]) -> Transform:
+        """Re-pair the heads of every heads group with dense within-head maps by what those maps leave
+        invariant (weights, with the streams already aligned): activations of a head's units are mixed
+        by its unknown map, so their correlations cannot pair heads."""
+        out = dict(transform)
+        for h in self.spec.groups:
+            partners = _partners(self.spec, h, per_head) if isinstance(out.get(h.name), torch.Tensor) else []
+            if not partners:
+                continue
+            b = apply_transform(self.spec, out, self.sd_b)
+            q = lap.solve(head_cost(self.spec, h.name, partners, self.sd_a, b).float())
+            out[h.name] = out[h.name][q]
+        return out
 
 
 def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str], sd_a: Mapping[str, torch.Tensor],
@@ -573,10 +636,25 @@ def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str]
     return moments, rms
 
 
+_aten = torch.ops.aten
+_LINEAR_OPS = {
+    _aten.embedding.default, _aten.add.Tensor, _aten.sub.Tensor, _aten.linear.default, _aten.addmm.default,
+    _aten.mm.default, _aten.bmm.default, _aten.matmul.default, _aten.view.default, _aten.reshape.default,
+    _aten._unsafe_view.default, _aten.transpose.int, _aten.permute.default, _aten.clone.default, _aten.alias.default,
+    _aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.contiguous.default, _aten.expand.default,
+    _aten.unsqueeze.default, _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.cat.default,
+    _aten.scaled_dot_product_attention.default, _aten.layer_norm.default, _aten.rms_norm.default, _aten.dropout.default,
+}  # fmt: skip
+"""Ops whose output a dense map of their input's units maps the same way (norms: once gain-free,
+for the maps their group admits); a site computed by any other op (``pow``, an activation) is not used."""
+
+
 def _usable_sites(traced: Traced, spec: PermutationSpec, g: str) -> list[tuple[Any, bool]]:
-    """``g``'s sites whose values show the units per head block (no other group's axis to reduce),
-    each with whether its values transform contravariantly (a query·key group's key side)."""
+    """``g``'s sites whose values show the units per head block (no other group's axis to reduce) and
+    are computed by an op a dense map passes through (:data:`_LINEAR_OPS`), each with whether its
+    values transform contravariantly (a query·key group's key side)."""
     group, k = spec[g], map_blocks(spec[g])
+    ops = {n.name: n.target for n in traced.program.graph.nodes}
     outputs = {}  # (weight key, output dim, offset) -> role, for members on a linear layer's output rows
     for layer in traced.layers:
         for ax in group.members:
@@ -585,7 +663,7 @@ def _usable_sites(traced: Traced, spec: PermutationSpec, g: str) -> list[tuple[A
     needs_side = any(outputs.values())
     usable = []
     for site in traced.sites.get(g, ()):
-        if site.reduce_dims or site.axis.repeat % k:
+        if site.reduce_dims or site.axis.repeat % k or ops.get(site.axis.key) not in _LINEAR_OPS:
             continue
         side = outputs.get((site.axis.key, site.axis.offset))
         if side is None and needs_side:

@@ -42,8 +42,10 @@ def test_weight_matching_recovers_a_planted_transform(name, seed):
 
 @pytest.mark.parametrize("name", ["hf_llama", "hf_vit", "transformer_manual_rms"])
 def test_activation_matching_recovers_a_planted_transform(name):
-    """From activations: heads re-paired by their within-head invariants, then each map solved from
-    cross-moments at covariant sites (LLaMA: RMSNorm stream, grouped-query value·output maps)."""
+    """From activations: heads re-paired by what they write, then each map solved from cross-moments
+    at the affine layers' inputs and outputs (LLaMA: RMSNorm stream, grouped-query value·output maps).
+    The default ridge pulls invertible maps towards orthogonal ones (what merges trained models
+    best); a planted non-orthogonal map is recovered exactly once that pull is negligible."""
     model, _, kwargs, g, _ = prepared(name)
     a = fold_gains(g, model.state_dict())
     b = apply_transform(g.spec, random_transform(g.spec, 1, keep_ones=g.keep_ones), a)
@@ -53,7 +55,7 @@ def test_activation_matching_recovers_a_planted_transform(name):
         lambda: torch.randn((4, *example.shape[1:]), generator=gen))  # fmt: skip
     data = [(make(),) for _ in range(6)]
     res = transform_activation_matching(_with(model, a), _with(model, b), g.spec, data, keep_ones=g.keep_ones,
-                                        example_kwargs=kwargs, quiet=True)  # fmt: skip
+                                        example_kwargs=kwargs, regularization=1e-9, quiet=True)  # fmt: skip
     assert _worst(apply_transform(g.spec, res.transform, b), a, g.spec.keys) < 1e-3
 
 

@@ -40,6 +40,7 @@ from torch import nn
 from permerge.apply import apply_transform, axis_index, map_axis, permute_tensor
 from permerge.errors import IllConditionedError, SpecError
 from permerge.graph import Traced, trace_graph
+from permerge.graph.layers import CONV, LINEAR
 from permerge.match import lap
 from permerge.match.activation import activation_matching, batch_inputs, record
 from permerge.match.weight import _Costs, _validate, coordinate_descent, resolve_workers, weight_matching
@@ -162,15 +163,16 @@ def procrustes(c: torch.Tensor, keep_ones: bool = False) -> torch.Tensor:
 
 
 def least_squares_map(mom: Moments, regularization: float) -> torch.Tensor:
-    """The invertible ``M`` (per block) minimising the linearised least squares of the module docstring."""
+    """The invertible ``M`` (per block) minimising the linearised least squares of the module docstring,
+    plus ``λ‖M − Q‖²`` towards the Procrustes solution ``Q`` (``λ`` = ``regularization`` × the mean
+    eigenvalue): directions the data leave undetermined get the orthogonal answer, not a blow-up."""
     p, r, s = mom.yy, mom.cxx, mom.xy + mom.cxy
     n = p.shape[-1]
     scale = (_tr(p) + _tr(r)).item() / max(1, n * p.shape[0])
     lam = regularization * max(scale, 1e-30)
     a, u = torch.linalg.eigh(p)
     b, v = torch.linalg.eigh(r)
-    eye = torch.eye(n, dtype=torch.float64)
-    rhs = v.transpose(1, 2) @ (s + lam * eye) @ u
+    rhs = v.transpose(1, 2) @ (s + lam * procrustes(s)) @ u
     return v @ (rhs / (b.unsqueeze(-1) + a.unsqueeze(-2) + lam)) @ u.transpose(1, 2)
 
 
@@ -512,7 +514,7 @@ def transform_activation_matching(
     input_fn: Callable[[Any], tuple[Any, ...]] = batch_inputs,
     example_kwargs: Mapping[str, Any] | None = None,
     max_batches: int | None = None,
-    regularization: float = 1e-6,
+    regularization: float = 1e-3,
     max_condition: float = 1e4,
     quiet: bool = False,
 ) -> TransformMatchingResult:
@@ -520,10 +522,15 @@ def transform_activation_matching(
 
     Permutation groups (and the reordering of scaled ones) are matched by correlation
     (:func:`~permerge.match.activation.activation_matching`); with those applied to B, so its heads
-    line up with A's, each dense group's map is solved once from the cross-moments of A's and B's
-    units at its traced sites (each site weighted equally), and each scaled group's scales are the
-    ratio of A's and B's RMS activations. The models' norm gains on dense groups must already be
-    folded (the site values are then covariant). ``data`` is read twice (it is materialised first).
+    line up with A's, each dense group's map is solved from the cross-moments of A's and B's units
+    at the inputs and outputs of the affine layers they pass through (each site weighted equally),
+    in a few refining rounds, and each scaled group's scales are the ratio of A's and B's RMS
+    activations. Heads whose within-head maps are dense are first re-paired by what they write
+    (see ``_ActivationRun.rematch_heads``). ``regularization`` pulls invertible maps towards the
+    orthogonal answer (0.1 × the mean eigenvalue by default: on trained ViTs a near-free least-squares
+    map reached condition numbers > 10⁴, and shrinking it lowered the barrier). The models' norm gains
+    on dense groups must already be folded (the site values are then covariant). ``data`` is read a
+    few times (it is materialised first).
     """
     start = time.perf_counter()
     classes, keep_ones = resolve_symmetries(spec, symmetries), frozenset(keep_ones)
@@ -569,9 +576,10 @@ class _ActivationRun:
     kwargs: Mapping[str, Any]
     opts: SolverOptions
 
-    def refine(self, transform: Transform, groups: list[str], rounds: int = 2) -> Transform:
-        """Solve ``groups`` from activations of A and of B transformed so far; a second round solves
-        the remaining step (it removes the regularisation's pull towards the first round's start)."""
+    def refine(self, transform: Transform, groups: list[str], rounds: int = 4) -> Transform:
+        """Solve ``groups`` from activations of A and of B transformed so far; later rounds solve the
+        remaining step (each shrinks the regularisation's pull towards the orthogonal answer by its
+        factor again; exact for a planted transform)."""
         out = dict(transform)
         for r in range(rounds if groups else 0):
             b = apply_transform(self.spec, out, self.sd_b)
@@ -597,18 +605,55 @@ class _ActivationRun:
         return out
 
     def rematch_heads(self, transform: Transform, per_head: list[str]) -> Transform:
-        """Re-pair the heads of every heads group with dense within-head maps by what those maps leave
-        invariant (weights, with the streams already aligned): activations of a head's units are mixed
-        by its unknown map, so their correlations cannot pair heads."""
+        """Re-pair the heads of every heads group whose within-head maps are dense, by what each head
+        writes: per token, ``W_O[:, head]·z_head`` (its value·output partner's consumer columns times
+        their input), which no within-head map changes, correlated between A and B (streams already
+        aligned). A head's own units are mixed by its unknown map, so their correlations cannot pair
+        heads; without a value·output partner, heads pair by weight invariants (:func:`head_cost`)."""
         out = dict(transform)
         for h in self.spec.groups:
             partners = _partners(self.spec, h, per_head) if isinstance(out.get(h.name), torch.Tensor) else []
             if not partners:
                 continue
             b = apply_transform(self.spec, out, self.sd_b)
-            q = lap.solve(head_cost(self.spec, h.name, partners, self.sd_a, b).float())
+            readers = [(self.spec[p].size, *r) for p in partners for r in self._readers(p)]
+            cost = self._contributions(h.size, readers, b) if readers else None
+            if cost is None:
+                cost = head_cost(self.spec, h.name, partners, self.sd_a, b)
+            q = lap.solve(cost.float())
             out[h.name] = out[h.name][q]
         return out
+
+    def _readers(self, g: str) -> list[tuple[Axis, str]]:
+        """``g``'s consumer members on a linear layer's input columns, each with that layer's input node."""
+        found = []
+        for layer in self.traced.layers:
+            for ax in self.spec[g].members:
+                if ax.role == CONSUMER and ax.key == layer.weight and ax.dim == 1 - layer.weight_dim and layer.input:
+                    found.append((ax, layer.input))
+        return found
+
+    def _contributions(self, heads: int, readers: list[tuple[int, Axis, str]], b: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Correlation of A's and B's per-head contributions through ``readers`` (``(heads, heads)``)."""
+        cross = torch.zeros(heads, heads, dtype=torch.float64)
+        norm_a, norm_b = torch.zeros(heads, dtype=torch.float64), torch.zeros(heads, dtype=torch.float64)
+        for batch in self.batches:
+            inputs = self.input_fn(batch)
+            vals = [record(self.traced, sd, inputs, self.kwargs, {node for _, _, node in readers}) for sd in (self.sd_a, b)]
+            for n, ax, node in readers:
+                k, per = heads, []
+                for sd, v in zip((self.sd_a, b), vals):
+                    value = v[node]
+                    z = block_rows(value, Axis(node, value.dim() - 1, ax.block, ax.offset, ax.repeat, ax.stride), n, k)
+                    w = block_rows(sd[ax.key], ax, n, k)
+                    reps = ax.repeat // k
+                    per.append(torch.einsum("hurt,huro->hto", z.reshape(k, n, reps, -1).double(),
+                                            w.reshape(k, n, reps, -1).double()).reshape(k, -1))  # fmt: skip
+                cross += per[0] @ per[1].T
+                norm_a += per[0].square().sum(1)
+                norm_b += per[1].square().sum(1)
+        return cross / torch.outer(norm_a, norm_b).sqrt().clamp_min(1e-30)
+
 
 
 def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str], sd_a: Mapping[str, torch.Tensor],
@@ -619,7 +664,7 @@ def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str]
     sites = {g: _usable_sites(traced, spec, g) for g in groups}
     moments = {g: Moments.zeros(map_blocks(spec[g]), spec[g].size) for g in groups}
     sums = {g: [torch.zeros(spec[g].size, dtype=torch.float64) for _ in range(2)] for g in groups}
-    wanted = {s.axis.key for ss in sites.values() for s, _ in ss}
+    wanted = {site.key for ss in sites.values() for site, _ in ss}
     for batch in batches:
         inputs = input_fn(batch)
         vals_a = record(traced, sd_a, inputs, kwargs, wanted)
@@ -627,7 +672,7 @@ def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str]
         for g in groups:
             k = map_blocks(spec[g])
             for site, contravariant in sites[g]:
-                x, y = (block_rows(v[site.axis.key], site.axis, spec[g].size, k) for v in (vals_a, vals_b))
+                x, y = (block_rows(v[site.key], site, spec[g].size, k) for v in (vals_a, vals_b))
                 scale = 2.0 / max((x.square().sum() + y.square().sum()).item(), 1e-30) / len(sites[g])
                 moments[g].add(x, y, contravariant, scale)
                 sums[g][0] += x.double().square().sum((0, 2)).cpu()
@@ -636,40 +681,28 @@ def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str]
     return moments, rms
 
 
-_aten = torch.ops.aten
-_LINEAR_OPS = {
-    _aten.embedding.default, _aten.add.Tensor, _aten.sub.Tensor, _aten.linear.default, _aten.addmm.default,
-    _aten.mm.default, _aten.bmm.default, _aten.matmul.default, _aten.view.default, _aten.reshape.default,
-    _aten._unsafe_view.default, _aten.transpose.int, _aten.permute.default, _aten.clone.default, _aten.alias.default,
-    _aten._to_copy.default, _aten.to.dtype, _aten.to.dtype_layout, _aten.contiguous.default, _aten.expand.default,
-    _aten.unsqueeze.default, _aten.squeeze.dim, _aten.select.int, _aten.slice.Tensor, _aten.cat.default,
-    _aten.scaled_dot_product_attention.default, _aten.layer_norm.default, _aten.rms_norm.default, _aten.dropout.default,
-}  # fmt: skip
-"""Ops whose output a dense map of their input's units maps the same way (norms: once gain-free,
-for the maps their group admits); a site computed by any other op (``pow``, an activation) is not used."""
-
-
-def _usable_sites(traced: Traced, spec: PermutationSpec, g: str) -> list[tuple[Any, bool]]:
-    """``g``'s sites whose values show the units per head block (no other group's axis to reduce) and
-    are computed by an op a dense map passes through (:data:`_LINEAR_OPS`), each with whether its
-    values transform contravariantly (a query·key group's key side)."""
-    group, k = spec[g], map_blocks(spec[g])
-    ops = {n.name: n.target for n in traced.program.graph.nodes}
-    outputs = {}  # (weight key, output dim, offset) -> role, for members on a linear layer's output rows
+def _usable_sites(traced: Traced, spec: PermutationSpec, g: str) -> list[tuple[Axis, bool]]:
+    """Where ``g``'s units appear as activations a dense map acts on linearly, read off the affine
+    layers: a layer's output when ``g`` is on its weight's output rows, its input when ``g`` is on its
+    input columns (a pre-norm stream's normalised value, a head's attention output). Each comes as an
+    :class:`Axis` on the node's value and whether it transforms contravariantly (the key side of a
+    query·key group, whose rows are consumer members)."""
+    found: dict[tuple[str, int, int], tuple[Axis, bool]] = {}
     for layer in traced.layers:
-        for ax in group.members:
-            if ax.key == layer.weight and ax.dim == layer.weight_dim:
-                outputs[(layer.node, ax.offset)] = ax.role == CONSUMER
-    needs_side = any(outputs.values())
-    usable = []
-    for site in traced.sites.get(g, ()):
-        if site.reduce_dims or site.axis.repeat % k or ops.get(site.axis.key) not in _LINEAR_OPS:
+        if layer.op not in (LINEAR, CONV) or layer.weight is None or layer.output_index is not None:
             continue
-        side = outputs.get((site.axis.key, site.axis.offset))
-        if side is None and needs_side:
-            continue
-        usable.append((site, bool(side)))
-    if not usable:
-        raise SpecError(f"group {g!r} has no activation site showing its units per head; match it from weights "
-                        "(method='weight') or with permutations")  # fmt: skip
-    return usable
+        for ax in spec[g].members:
+            if ax.key != layer.weight:
+                continue
+            if ax.dim == layer.weight_dim:
+                node, dim, contra = layer.node, layer.channel_dim, ax.role == CONSUMER
+            elif ax.dim == (1 if layer.op == CONV else 1 - layer.weight_dim) and layer.input is not None:
+                node, dim, contra = layer.input, (1 if layer.op == CONV else -1), False
+            else:
+                continue
+            site = Axis(node, dim, ax.block, ax.offset, ax.repeat, ax.stride)
+            found.setdefault((node, dim, ax.offset), (site, contra))
+    if not found:
+        raise SpecError(f"group {g!r} has no affine layer reading or writing its units, so no activation shows them; "
+                        "match it from weights (method='weight') or with permutations")  # fmt: skip
+    return list(found.values())

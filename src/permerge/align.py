@@ -162,7 +162,7 @@ def _align_transform(
                                              example_kwargs=kwargs, quiet=quiet, **options)  # fmt: skip
 
     fc = ModuleCheck(folded_b, g.spec, example_inputs, kwargs, tol, seed) if check else None
-    extra = {"classes": {c: sum(v == c for v in classes.values()) for c in sorted(wanted)},
+    extra = {"class_counts": {c: sum(v == c for v in classes.values()) for c in sorted(wanted)},
              "folded_gains": [x.gain for x in g.gains], "keep_ones": sorted(g.keep_ones)}  # fmt: skip
     transform, report = run_alignment(g.spec, match, fc, stages, method=method, **extra)
     with stages("apply"):
@@ -172,7 +172,7 @@ def _align_transform(
         with stages("check"):
             report["end_to_end_error"] = check_same_function(model_b, aligned, example_inputs, example_kwargs=kwargs,
                                                              tol=tol, seed=seed).relative_error  # fmt: skip
-    LOG.info("aligned %d groups (%s) with %s matching in %.2f s", len(spec.groups), extra["classes"], method,
+    LOG.info("aligned %d groups (%s) with %s matching in %.2f s", len(spec.groups), extra["class_counts"], method,
              sum(stages.seconds.values()))  # fmt: skip
     perm = {n: t for n, t in transform.items() if isinstance(t, torch.Tensor)}
     return AlignResult(aligned, perm, spec, report, transform)

@@ -523,8 +523,8 @@ def transform_activation_matching(
     Permutation groups (and the reordering of scaled ones) are matched by correlation
     (:func:`~permerge.match.activation.activation_matching`); with those applied to B, so its heads
     line up with A's, each dense group's map is solved from the cross-moments of A's and B's units
-    at the inputs and outputs of the affine layers they pass through (each site weighted equally),
-    in a few refining rounds, and each scaled group's scales are the ratio of A's and B's RMS
+    at the inputs and outputs of the affine layers they pass through (centred per batch, each site
+    weighted equally), in a few refining rounds, and each scaled group's scales are the ratio of A's and B's RMS
     activations. Heads whose within-head maps are dense are first re-paired by what they write
     (see ``_ActivationRun.rematch_heads``). ``regularization`` pulls invertible maps towards the
     orthogonal answer (0.1 × the mean eigenvalue by default: on trained ViTs a near-free least-squares
@@ -673,10 +673,13 @@ def _activation_moments(traced: Traced, spec: PermutationSpec, groups: list[str]
             k = map_blocks(spec[g])
             for site, contravariant in sites[g]:
                 x, y = (block_rows(v[site.key], site, spec[g].size, k) for v in (vals_a, vals_b))
-                scale = 2.0 / max((x.square().sum() + y.square().sum()).item(), 1e-30) / len(sites[g])
-                moments[g].add(x, y, contravariant, scale)
                 sums[g][0] += x.double().square().sum((0, 2)).cpu()
                 sums[g][1] += y.double().square().sum((0, 2)).cpu()
+                # centred over the batch's samples: a constant offset (a folded LayerNorm's β/γ, the
+                # stream's mean) would otherwise dominate; a ≈ M·b implies a − ā ≈ M·(b − b̄)
+                x, y = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+                scale = 2.0 / max((x.square().sum() + y.square().sum()).item(), 1e-30) / len(sites[g])
+                moments[g].add(x, y, contravariant, scale)
     rms = {g: (s[0].sqrt(), s[1].sqrt()) for g, s in sums.items()}
     return moments, rms
 

@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import platform
-import shlex
 import sys
 import sysconfig
 import time
@@ -55,7 +54,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src"), str(HERE.parent / "tests")]  # permerge, common.py, grants.py
 
-from common import cached_model, load_fashion_mnist, num_params, num_threads, train  # noqa: E402
+from common import cached_model, load_fashion_mnist, num_params, num_threads, save_results, train  # noqa: E402
 from grants import grant  # noqa: E402
 
 import permerge  # noqa: E402
@@ -293,7 +292,6 @@ def main() -> None:
         return
     text = "\n\n".join(tables)
     print(text)
-    cmd = shlex.join(["python", "benchmarks/transformer_lmc.py", *sys.argv[1:]])
     note = (
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, shared by several "
         f"jobs, so timings are noisy), torch {torch.__version__}, {args.threads} thread(s); {time.perf_counter() - start:.0f} s "
@@ -304,9 +302,7 @@ def main() -> None:
         f"and REPAIR on {args.stats_batches} training batches. Loss barrier: worst excess over the endpoints' line; "
         "midpoint excess: loss at α = ½ minus the endpoints' mean."
     )
-    out = HERE / "results" / "transformer_lmc.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# Transformer LMC modulo the full symmetry group\n\n```\n{cmd}\n```\n\n{text}\n\n{note}\n")
+    out = save_results("transformer_lmc", "Transformer LMC modulo the full symmetry group", text, note)
     LOG.info("wrote %s", out)
 
 

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import statistics
 import sys
 import threading
@@ -68,6 +69,7 @@ __all__ = [
     "num_params",
     "peak_rss_mb",
     "reset_bn_stats",
+    "save_results",
     "train",
 ]
 
@@ -463,6 +465,16 @@ def median_time(fn: Callable[[], T], repeats: int = 3, *, warmup: int = 0) -> Ti
         times.append(t.seconds)
         cpu.append(t.cpu)
     return Timing(tuple(times), result, tuple(cpu))  # type: ignore[arg-type]
+
+
+def save_results(name: str, title: str, body: str, note: str) -> Path:
+    """Write ``benchmarks/results/{name}.md``: the title, the exact command (this script and its
+    arguments), the tables and the measurement note."""
+    cmd = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    out = ROOT / "benchmarks" / "results" / f"{name}.md"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(f"# {title}\n\n```\n{cmd}\n```\n\n{body}\n\n{note}\n")
+    return out
 
 
 def peak_rss_mb() -> float:

@@ -12,13 +12,14 @@ if "torch" not in _sys.modules:
 from permerge import merge  # the subpackage, callable as merge(models, weights)
 from permerge.align import AlignResult, align
 from permerge.align_hf import align_hf
-from permerge.apply import apply_permutation
+from permerge.apply import apply_permutation, apply_transform
 from permerge.check import check_function_preserved, validate_spec
 from permerge.errors import FunctionNotPreservedError, PermergeError, SpecError, TraceError
 from permerge.evaluate import Curve, interpolation_curve
 from permerge.graph import Example, Traced, register_rule, trace, trace_graph
 from permerge.match import activation_matching, ste_matching, weight_matching
 from permerge.match.stream import stream_weight_matching
+from permerge.match.symmetry import transform_activation_matching, transform_weight_matching
 from permerge.merge import interpolate
 from permerge.merge.many import merge_many
 from permerge.merge.partial import partial_merge
@@ -28,6 +29,7 @@ from permerge.permutation import Permutation, identity, inverse, random_permutat
 from permerge.plot import plot_curves
 from permerge.repair import repair, repair_merge, repair_transform, reset_bn_stats
 from permerge.spec import Axis, Frozen, FrozenKind, Group, PermutationSpec
+from permerge.transform import LinearMap, ScaledPermutation, Transform, random_transform
 
 __all__ = [
     "AlignResult",
@@ -62,6 +64,13 @@ __all__ = [
     "SpecError",
     "TraceError",
     "apply_permutation",
+    "apply_transform",
+    "LinearMap",
+    "ScaledPermutation",
+    "Transform",
+    "random_transform",
+    "transform_activation_matching",
+    "transform_weight_matching",
     "check_function_preserved",
     "identity",
     "inverse",

@@ -3,11 +3,13 @@
 * :func:`check_compatible` is the one validator of inputs: configs field by field, keys, shapes,
   dtype kinds against the architecture, the spec's fit, finite values. Cheap checks first; it runs
   before tracing or matching.
-* :func:`check_function_preserved` runs a model and its permuted weights on the example input in
-  eval mode, in train mode (seeded, dropout off: see below) and at a second batch size, and raises
+* :func:`check_function_preserved` runs a model and its permuted (or otherwise transformed:
+  :mod:`permerge.transform`) weights on the example input in eval mode, in train mode (seeded, dropout off: see below) and at a second batch size, and raises
   naming the groups that change the output. The model is never modified: weights go in through
   ``functional_call``, buffers as copies (BatchNorm's running statistics and ``num_batches_tracked``
   update the copies), training flags and the RNG state are restored.
+* :func:`check_same_function` compares two models end to end (a reparametrised and transformed
+  model against the original), on the same runs.
 * :class:`StreamedCheck` does the same for checkpoints that are never in memory: it runs the traced
   program once with B's tensors and once with them permuted, reading each at its first use and
   dropping it after its last.
@@ -39,7 +41,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from permerge.apply import apply_permutation, permute_tensor
+from permerge.apply import apply_transform, permute_tensor
 from permerge.errors import ConfigMismatchError, FunctionNotPreservedError, StateDictMismatchError
 from permerge.graph.capture import Program, as_args
 from permerge.graph.run import run_program
@@ -53,6 +55,7 @@ __all__ = [
     "all_finite",
     "check_compatible",
     "check_function_preserved",
+    "check_same_function",
     "model_outputs",
     "output_error",
     "random_moving_permutation",
@@ -374,7 +377,7 @@ def _check_state(
                 skipped.append(f"{run.label}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200])
 
         def worst(p: Mapping[str, torch.Tensor]) -> tuple[float, float, str]:
-            permuted = apply_permutation(spec, {k: v for k, v in p.items() if k in spec}, state)
+            permuted = apply_transform(spec, {k: v for k, v in p.items() if k in spec}, state)
             errs = [(*output_error(out, _forward(model, permuted, run, seed)), run.label) for run, out in refs]
             return max(errs, key=lambda e: (e[1], e[0]))
 
@@ -401,13 +404,16 @@ def check_function_preserved(
     model: nn.Module,
     spec: PermutationSpec,
     example_inputs: Any,
-    perm: Mapping[str, torch.Tensor] | None = None,
+    perm: Mapping[str, Any] | None = None,
     *,
     example_kwargs: Mapping[str, Any] | None = None,
     tol: float = 1e-4,
     seed: int = 0,
 ) -> PreservationReport:
     """Run ``model`` with its weights and with them permuted by ``perm``; raise if outputs differ.
+
+    ``perm`` may be any transform (:mod:`permerge.transform`: scaled permutations, dense maps),
+    applied by :func:`~permerge.apply.apply_transform`.
 
     Three runs, each seeded alike: eval mode on the example input, train mode with dropout off (see
     the module docstring), and eval mode at one more sample than the example's batch (skipped, and
@@ -422,6 +428,42 @@ def check_function_preserved(
     """
     perm = dict(perm) if perm is not None else random_permutation(spec, seed)
     return _check_state(model, model.state_dict(), spec, perm, as_args(example_inputs), dict(example_kwargs or {}), tol, seed)
+
+
+def check_same_function(
+    reference: nn.Module,
+    candidate: nn.Module,
+    example_inputs: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> PreservationReport:
+    """Raise :class:`FunctionNotPreservedError` unless ``candidate`` computes ``reference``'s outputs on
+    the runs :func:`check_function_preserved` makes (eval, train with dropout off, a second batch
+    size): the end-to-end check of a reparametrised and transformed model, whose reparametrisation
+    a per-group check of the transform cannot see."""
+    args, kwargs = as_args(example_inputs), dict(example_kwargs or {})
+    prev = _tf32_off()
+    try:
+        worst, runs, skipped = (0.0, 0.0, ""), [], []
+        for i, run in enumerate(_runs(args, kwargs)):
+            try:
+                ref = _forward(reference, reference.state_dict(), run, seed)
+            except Exception as e:
+                if i == 0:
+                    raise
+                skipped.append(f"{run.label}: {type(e).__name__}")
+                continue
+            err, rel = output_error(ref, _forward(candidate, candidate.state_dict(), run, seed))
+            runs.append(run.label)
+            worst = max(worst, (rel, err, run.label))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    rel, err, label = worst
+    if rel > tol:
+        raise FunctionNotPreservedError(f"the transformed model's outputs differ ({label}: relative error {rel:.2e} > tol {tol:.0e})")
+    return PreservationReport(err, rel, tol, tuple(runs), tuple(skipped))
 
 
 def random_moving_permutation(spec: PermutationSpec, seed: int = 0) -> dict[str, torch.Tensor]:

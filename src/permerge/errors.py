@@ -27,3 +27,7 @@ class ConfigMismatchError(StateDictMismatchError):
 
 class PermergeIOError(PermergeError, OSError):
     """A checkpoint or output path cannot be read or written (names the path and the fix)."""
+
+
+class IllConditionedError(PermergeError):
+    """A least-squares map (invertible symmetry) is too ill-conditioned to apply (names the group and the fix)."""

@@ -170,11 +170,12 @@ def run_alignment(
             check.reference()
     with stages("match"):
         result = match()
+    moved = getattr(result, "transform", result.permutation)  # dense maps and scales too (match/symmetry.py)
     preservation = None
     if check is not None:
         with stages("check"):
-            preservation = check.verify(result.permutation)
-    return result.permutation, alignment_report(spec, result, preservation, stages, method=method, **extra)
+            preservation = check.verify(moved)
+    return moved, alignment_report(spec, result, preservation, stages, method=method, **extra)
 
 
 def alignment_report(
@@ -182,7 +183,7 @@ def alignment_report(
 ) -> dict[str, Any]:
     """The report of one alignment: groups, what moved, the function check's numbers, timings and
     the matcher's own details (JSON-ready: tensors as lists or shapes)."""
-    details = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "permutation"}
+    details = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in ("permutation", "transform")}
     perm = result.permutation
     return {
         "method": method,

@@ -192,25 +192,29 @@ def coordinate_descent(
     """
     gen = torch.Generator().manual_seed(seed)
     sweeps, converged = 0, False
+    closed_form = getattr(state, "dense", frozenset())  # groups beyond permutations: state.solve(g) (match/symmetry.py)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="permerge-lap") if workers > 1 else None
     try:
         for sweeps in tqdm(range(1, max_sweeps + 1), desc=desc, disable=quiet or not sys.stderr.isatty()):
             changed = 0
             order = [todo[k] for k in torch.randperm(len(todo), generator=gen).tolist()]
             for run in _independent_runs(order, state, workers):
-                solving: list[tuple[str, torch.Tensor, Future[torch.Tensor] | None]] = []
+                solving: list[tuple[str, torch.Tensor | None, Future[torch.Tensor] | None]] = []
                 for g in run:  # costs in this thread while the earlier ones' LAPs run
-                    cost = state.matrix(g)
-                    fut = pool.submit(lap.solve, cost, backend=backend) if pool else None
+                    cost = None if g in closed_form else state.matrix(g)
+                    fut = pool.submit(lap.solve, cost, backend=backend) if pool and cost is not None else None
                     solving.append((g, cost, fut))
                 for g, cost, fut in solving:
-                    new_p = fut.result() if fut else lap.solve(cost, backend=backend)
-                    old, new = _gain(cost, state.perm[g], new_p)
+                    if cost is None:
+                        old, new, step = state.solve(g)  # type: ignore[attr-defined]
+                    else:
+                        step = fut.result() if fut else lap.solve(cost, backend=backend)
+                        old, new = _gain(cost, state.perm[g], step)
                     # Stopping rule: keep the LAP's answer only if it beats the current permutation
                     # by more than `tol` (relative); ties and float noise keep the old one, so a
                     # sweep that accepts nothing has converged.
                     if new > old + tol * abs(old):
-                        state.move(g, new_p)
+                        state.move(g, step)
                         changed, objective = changed + 1, objective + new - old
             LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
             if not changed:

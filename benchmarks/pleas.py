@@ -204,7 +204,7 @@ def main() -> None:
     t = time.perf_counter()
     traced = trace_graph(model_a, data[0])
     wm = weight_matching(traced.spec, model_a.state_dict(), model_b.state_dict(), seed=0)
-    avg = partial_merge(traced.spec, model_a, model_b, wm.permutation, None, 1.0, keep_heads=True)
+    avg = partial_merge(traced.spec, model_a, model_b, wm.permutation, None, 1.0, keep_heads=True, example_inputs=data[0])
     avg_model = reset_bn_stats(avg.model, data, batches=len(data))
     row(1.0, "WM average", avg_model, params(avg_model), time.perf_counter() - t)
 
@@ -214,7 +214,8 @@ def main() -> None:
     LOG.info("activation matching: %.1f s", t_match)
     for budget in budgets:
         t = time.perf_counter()
-        part = partial_merge(traced.spec, model_a, model_b, am.permutation, am.costs, budget, keep_heads=True)
+        part = partial_merge(traced.spec, model_a, model_b, am.permutation, am.costs, budget, keep_heads=True,
+                             example_inputs=data[0])  # fmt: skip
         t_part = t_match + time.perf_counter() - t
         row(budget, "partial, no BN reset", part.model, params(part.model), t_part)
         t = time.perf_counter()

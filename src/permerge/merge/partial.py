@@ -62,9 +62,10 @@ import torch
 from torch import nn
 
 from permerge.apply import apply_permutation
+from permerge.check import check_function_preserved
 from permerge.errors import PermergeError, SpecError, StateDictMismatchError
 from permerge.merge import check_same_architecture
-from permerge.permutation import Permutation, check_permutation
+from permerge.permutation import Permutation, check_permutation, is_identity
 from permerge.spec import CONSUMER, Axis, FrozenKind, PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -487,11 +488,14 @@ class PartialMergeResult(WidenedMerge):
 
     ``widths[g]`` is the group's size plus the units kept apart; ``unmerged[g]`` A's positions whose
     matched pair was kept apart. With ``keep_heads`` the output holds A's outputs, then B's.
+    ``function_preservation_error``: how much ``permutation`` changed B's outputs (None: not
+    checked, or nothing moved).
     """
 
     permutation: Permutation
     budgets: Mapping[str, float]
     unmerged: Mapping[str, torch.Tensor]
+    function_preservation_error: float | None = None
 
     def architecture(self) -> dict[str, Any]:
         """A JSON-able description: per-group sizes, widths and units kept apart; widened shapes."""
@@ -576,8 +580,11 @@ def partial_merge(
             ``g`` of ``n`` units keeps ``round((budget - 1) · n)`` pairs apart.
         keep_heads: do not average the model outputs: the merged model returns A's outputs, then
             B's, concatenated along the output dimension (two label spaces, two heads).
-        example_inputs, example_kwargs: an example call; with ``check``, the merged model is run on
-            it (a forward that hard-codes widths fails here, with a clear error, rather than later).
+        example_inputs, example_kwargs: an example call, needed with ``check``: ``perm`` must keep
+            model B's function there (:func:`~permerge.check.check_function_preserved`), and the
+            merged model is run on it (a forward that hard-codes widths fails here, with a clear
+            error, rather than later).
+        check: run both checks (``check=False`` skips them; then nothing vouches for ``perm``).
 
     Returns:
         :class:`PartialMergeResult`.
@@ -596,6 +603,15 @@ def partial_merge(
     check_same_architecture([sd_a, sd_b], ["model A", "model B"])
     spec.validate(sd_a)
     check_permutation(spec, perm)
+    if check and example_inputs is None and not is_identity(perm):
+        raise PermergeError(
+            "partial_merge checks that the permutation keeps model B's function: pass example_inputs= "
+            "(or check=False to skip the check)"
+        )
+    preservation = (
+        check_function_preserved(model_b, spec, example_inputs, perm, example_kwargs=example_kwargs).relative_error
+        if check and not is_identity(perm) else None
+    )  # fmt: skip
     fixed = unwidenable(spec, model_a)
     budgets = resolve_budget(spec, budget, fixed)
     sd_bp = apply_permutation(spec, perm, sd_b)
@@ -636,6 +652,7 @@ def partial_merge(
         widened=MappingProxyType({k: tuple(v.shape) for k, v in merged_sd.items() if v.shape != sd_a[k].shape}),
         keep_heads=keep_heads,
         notes=tuple(notes),
+        function_preservation_error=preservation,
     )
 
 

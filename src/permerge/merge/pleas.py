@@ -250,11 +250,8 @@ def pleas(
     part = partial_merge(spec, model_a, model_b, perm, costs, budget,
                          keep_heads=keep_heads, example_inputs=inputs[0], example_kwargs=kwargs)  # fmt: skip
     merged = part.model
-    if reset_bn:
-        if all(len(x) == 1 for x in inputs):
-            merged = reset_bn_stats(merged, [x[0] for x in inputs], batches=len(inputs), example_kwargs=kwargs)
-        else:
-            LOG.warning("BatchNorm statistics not reset: the model takes several inputs")
+    if reset_bn:  # each batch as (inputs,): a tuple of positional inputs, whatever their number
+        merged = reset_bn_stats(merged, [(x,) for x in inputs], batches=len(inputs), example_kwargs=kwargs)
     timing["partial"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sd = {k: v.detach().clone() for k, v in merged.state_dict().items()}

@@ -9,12 +9,22 @@ matching, PLeaS — reads batches through these functions.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
-__all__ = ["as_call", "call_kwargs", "inputs_of", "targets_of"]
+from permerge.errors import PermergeError
+
+LOG = logging.getLogger(__name__)
+
+__all__ = ["as_call", "call_kwargs", "inputs_of", "take_batches", "targets_of"]
+
+T = TypeVar("T")
 
 
 def inputs_of(batch: Any) -> Any:
@@ -47,3 +57,27 @@ def call_kwargs(model: nn.Module) -> dict[str, Any]:
     params = inspect.signature(model.forward).parameters
     takes = "use_cache" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return {"use_cache": False} if takes else {}
+
+
+def take_batches(data: Iterable[Any], count: int, what: str, prepare: Callable[[Any], T] = lambda b: b) -> list[T]:
+    """``prepare(batch)`` for the first ``count`` batches of ``data`` whose tensors have the first
+    one's shapes (an exported graph fixes them; a last, smaller batch is skipped with a log line).
+
+    ``what`` names the consumer in the one-line error raised when ``count`` is not positive or the
+    data yields nothing.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise PermergeError(f"{what}: batches must be a positive integer, got {count!r}")
+    out: list[T] = []
+    first = None
+    for batch in itertools.islice(iter(data), count):
+        item = prepare(batch)
+        shapes = [tuple(t.shape) for t in pytree.tree_leaves(item) if isinstance(t, torch.Tensor)]
+        first = shapes if first is None else first
+        if shapes == first:
+            out.append(item)
+        else:
+            LOG.info("%s: skipping a batch shaped %s (the first was %s)", what, shapes, first)
+    if not out:
+        raise PermergeError(f"{what} needs data: the data iterable yielded no batches")
+    return out

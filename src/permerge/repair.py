@@ -28,9 +28,8 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
 
-from permerge.batches import as_call, inputs_of
+from permerge.batches import as_call, inputs_of, take_batches
 from permerge.errors import PermergeError, StateDictMismatchError
 from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import BATCH_NORM, CONV_TRANSPOSE, LAYER_NORM, Layer
@@ -241,22 +240,6 @@ def _measure_and_correct(
 # -- REPAIR -------------------------------------------------------------------------------------
 
 
-def _take_batches(data: Iterable[Any], batches: int) -> list[Any]:
-    taken = list(itertools.islice(iter(data), batches))
-    if not taken:
-        raise PermergeError("REPAIR needs data: the data iterable yielded no batches")
-    sizes = [_leading(b) for b in taken]
-    same = [b for b, s in zip(taken, sizes) if s == sizes[0]]
-    if len(same) < len(taken):
-        LOG.debug("REPAIR: dropped %d batches whose size differs from the first (%s)", len(taken) - len(same), sizes[0])
-    return same
-
-
-def _leading(batch: Any) -> int | None:
-    leaves = [t for t in pytree.tree_leaves(inputs_of(batch)) if isinstance(t, torch.Tensor)]
-    return int(leaves[0].shape[0]) if leaves and leaves[0].dim() else None
-
-
 class _Repairer:
     """Everything REPAIR needs that does not depend on the merge weights: the traced graph, its
     sites, and every endpoint's statistics there."""
@@ -273,7 +256,7 @@ class _Repairer:
             if type(m) is not type(models[0]):
                 raise StateDictMismatchError(
                     f"models have different classes: {type(models[0]).__name__} vs {type(m).__name__}")  # fmt: skip
-        self.batches = [as_call(inputs_of(b), example_kwargs) for b in _take_batches(data, batches)]
+        self.batches = take_batches(data, batches, "REPAIR", lambda b: as_call(inputs_of(b), example_kwargs))
         args, kwargs = self.batches[0]
         self.traced = trace_graph(models[0], args, example_kwargs=kwargs)
         self.sites = repair_sites(self.traced, include_outputs=include_outputs)

@@ -31,7 +31,7 @@ from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["ActivationMatchingResult", "Correlation", "activation_matching", "batch_inputs", "record"]
+__all__ = ["ActivationMatchingResult", "Correlation", "activation_matching", "batch_inputs", "record", "unit_samples"]
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,11 @@ def _accumulate(traced: Traced, spec: PermutationSpec, sd_a: Any, sd_b: Any, inp
     vals_b = record(traced, sd_b, inputs, kwargs, wanted)
     for g in spec.groups:
         for i, site in enumerate(traced.sites[g.name]):
-            a, b = (_unit_samples(v[site.axis.key], site, g.size) for v in (vals_a, vals_b))
+            a, b = (unit_samples(v[site.axis.key], site, g.size) for v in (vals_a, vals_b))
             corr[(g.name, i)] = corr.get((g.name, i), Correlation()).update(a, b)
 
 
-def _unit_samples(value: torch.Tensor, site: Site, n: int) -> torch.Tensor:
+def unit_samples(value: torch.Tensor, site: Site, n: int) -> torch.Tensor:
     """``(n, samples)`` activations of the group's units at one site.
 
     At a clean site every other axis is batch/space/sequence: all of them are samples. Elsewhere

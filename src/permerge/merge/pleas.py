@@ -41,7 +41,6 @@ tensor for classifiers: with A's classes before B's, the argmax over it is a joi
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -54,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
+from permerge.batches import take_batches
 from permerge.errors import PermergeError
 from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import CONV, LINEAR, Layer
@@ -235,7 +235,7 @@ def pleas(
     start = time.perf_counter()
     timing: dict[str, float] = {}
     kwargs = dict(example_kwargs or {})
-    inputs = _take_batches(data, batches, input_fn)
+    inputs = take_batches(data, batches, "PLeaS", lambda b: tuple(input_fn(b)))
     traced = trace_graph(model_a, inputs[0], example_kwargs=kwargs)
     spec = spec or traced.spec
     resolve_budget(spec, budget)  # fail before the expensive steps
@@ -265,25 +265,6 @@ def pleas(
     seconds = time.perf_counter() - start
     LOG.info("PLeaS: %d layers fitted in %.1f s (%s)", len(fits), seconds, "complete" if complete else "budget reached")
     return PleasResult(merged.eval(), sd, part, dict(perm), tuple(fits), skipped, complete, seconds, timing)
-
-
-def _take_batches(data: Iterable[Any], batches: int, input_fn: Callable[[Any], tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    if batches < 1:
-        raise PermergeError(f"batches must be >= 1, got {batches}")
-    out: list[tuple[Any, ...]] = []
-    shape = None
-    for batch in itertools.islice(data, batches):
-        x = tuple(input_fn(batch))
-        s = [tuple(t.shape) for t in x if isinstance(t, torch.Tensor)]
-        if shape is None:
-            shape = s
-        if s == shape:
-            out.append(x)
-        else:
-            LOG.warning("skipping a batch of shape %s (the first had %s)", s, shape)
-    if not out:
-        raise PermergeError("PLeaS needs data: the iterable is empty")
-    return out
 
 
 def _least_squares(

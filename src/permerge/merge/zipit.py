@@ -62,12 +62,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
+from permerge.batches import take_batches
 from permerge.check import model_outputs
 from permerge.errors import PermergeError
 from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import CONV, CONV_TRANSPOSE, LINEAR
 from permerge.match import lap
-from permerge.match.activation import Correlation, _unit_samples, batch_inputs, record
+from permerge.match.activation import Correlation, batch_inputs, record, unit_samples
 from permerge.merge import check_same_architecture
 from permerge.merge.partial import (
     LOAD_HINT,
@@ -83,7 +84,6 @@ from permerge.merge.partial import (
     unwidenable,
     widen_with_notes,
 )
-from permerge.merge.pleas import _take_batches
 from permerge.permutation import Permutation, identity
 from permerge.repair import reset_bn_stats
 from permerge.spec import PRODUCER, PermutationSpec
@@ -407,7 +407,7 @@ def zipit(
     sds = [m.state_dict() for m in models]
     check_same_architecture(sds, [f"model {i}" for i in range(count)])
     kwargs = dict(example_kwargs or {})
-    inputs = _take_batches(data, batches, input_fn)
+    inputs = take_batches(data, batches, "ZipIt!", lambda b: tuple(input_fn(b)))
     traced = trace_graph(models[0], inputs[0], example_kwargs=kwargs)
     spec = spec or traced.spec
     spec.validate(sds[0])
@@ -522,7 +522,7 @@ def _correlations(traced: Traced, spec: PermutationSpec, sds: Sequence[Mapping[s
         values = [record(traced, sd, x, kwargs, wanted) for sd in sds]
         for g in groups:
             for i, site in enumerate(traced.sites[g]):
-                f = torch.cat([_unit_samples(v[site.axis.key], site, spec[g].size) for v in values])
+                f = torch.cat([unit_samples(v[site.axis.key], site, spec[g].size) for v in values])
                 acc[(g, i)] = acc.get((g, i), Correlation()).update(f, f)
     return {g: (sum(acc[(g, i)].matrix() for i in range(len(traced.sites[g]))) / len(traced.sites[g])).cpu()
             for g in groups}  # fmt: skip

@@ -24,7 +24,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from permerge.align_hf import check_hf_dirs
 from permerge.cli._checkpoints import hf_home, load_checkpoint
 from permerge.cli._common import Outcome, config_of, result_outcome
 from permerge.cli._models import add_model_arguments, load_model
@@ -37,7 +36,7 @@ from permerge.lora import is_adapter_dir
 from permerge.pipeline import resolve_dtype
 from permerge.progress import phase
 from permerge.report import write_report
-from permerge.transfer import apply_adapter, apply_hf, apply_saved, load_alignment
+from permerge.transfer import SavedAlignment, apply_adapter, apply_hf, apply_saved, load_alignment
 
 HELP = "apply a saved permutation to a sibling checkpoint of B or a LoRA adapter trained on B"
 EPILOG = """examples:
@@ -92,18 +91,20 @@ def run(args: argparse.Namespace) -> Outcome:
     return result_outcome("apply", out.out, _text(report, args.out), report)
 
 
-def _run_hf(args: argparse.Namespace, saved: object) -> Outcome:
-    check_hf_dirs(args.checkpoint)
+def _run_hf(args: argparse.Namespace, saved: SavedAlignment) -> Outcome:
+    if not is_hf_dir(args.checkpoint):
+        raise PermergeError(f"{args.checkpoint} is not a Hugging Face model directory (no config.json): pass --model to "
+                            "name its architecture")  # fmt: skip
     resolve_dtype(args.out_dtype)
     if args.max_shard_size is not None:
         parse_size(args.max_shard_size)
-    res = apply_hf(saved, args.checkpoint, args.out, out_dtype=args.out_dtype, max_shard_size=args.max_shard_size or "5GB",  # type: ignore[arg-type]
+    res = apply_hf(saved, args.checkpoint, args.out, out_dtype=args.out_dtype, max_shard_size=args.max_shard_size or "5GB",
                    force=args.force, quiet=args.quiet, seed=args.seed, command=sys.argv, config=config_of(args),
                    view=write_report)  # fmt: skip
     return result_outcome("apply", res.out, _text(res.report, args.out), res.report)
 
 
-def _run_adapter(args: argparse.Namespace, saved: object) -> Outcome:
+def _run_adapter(args: argparse.Namespace, saved: SavedAlignment) -> Outcome:
     if args.base is None:
         raise PermergeError(f"{args.checkpoint} is a LoRA adapter: pass --base, the checkpoint it was trained on (B, unpermuted)")
     if not Path(args.base).exists():
@@ -114,7 +115,7 @@ def _run_adapter(args: argparse.Namespace, saved: object) -> Outcome:
     if args.model is None and not is_hf_dir(args.base):
         raise PermergeError(f"--base {args.base} is not a Hugging Face directory: pass --model to name its architecture")
     ref = None if args.model is None else load_model(args.model, args)
-    res = apply_adapter(saved, args.checkpoint, args.base, args.out, model=ref, force=args.force, quiet=args.quiet,  # type: ignore[arg-type]
+    res = apply_adapter(saved, args.checkpoint, args.base, args.out, model=ref, force=args.force, quiet=args.quiet,
                         seed=args.seed, command=sys.argv, config=config_of(args), view=write_report)  # fmt: skip
     return result_outcome("apply", res.out, _text(res.report, args.out), res.report)
 

@@ -32,12 +32,13 @@ def shown(quiet: bool) -> bool:
 
 
 def progress(iterable: Iterable[Any] | None = None, *, quiet: bool, **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr, drawn only when :func:`shown` and after :data:`DELAY_S`; ``unit="B"``
-    scales to kB/MB/GB."""
+    """A tqdm bar on stderr, drawn only when :func:`shown` and after :data:`DELAY_S` (or ``delay``);
+    ``unit="B"`` scales to kB/MB/GB."""
     if kwargs.get("unit") == "B":
         kwargs.setdefault("unit_scale", True)
         kwargs.setdefault("unit_divisor", 1000)
-    return tqdm(iterable, disable=not shown(quiet), delay=DELAY_S, file=sys.stderr, dynamic_ncols=True, **kwargs)
+    kwargs.setdefault("delay", DELAY_S)
+    return tqdm(iterable, disable=not shown(quiet), file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
 @contextmanager
@@ -46,7 +47,7 @@ def phase(desc: str, *, quiet: bool, interval: float = 0.5) -> Iterator[None]:
     if not shown(quiet):
         yield
         return
-    bar = progress(desc=desc, quiet=quiet, bar_format="{desc}: {elapsed}", total=None)
+    bar = progress(desc=desc, quiet=quiet, bar_format="{desc}: {elapsed}", total=None, leave=False)
     done = threading.Event()
 
     def tick() -> None:

@@ -356,8 +356,9 @@ def model_card(record: Mapping[str, Any], *, library: str = "transformers") -> s
 
     The YAML front matter holds ``library_name`` (``transformers``, or ``peft`` for an adapter),
     ``tags`` and a ``permerge`` block: version, command, method, creation time, every input with its
-    path and SHA-256 per file, and the function check's relative error (B permuted against B). The
-    text says what the model is, lists the inputs and how to reproduce it.
+    path and SHA-256 per file, the function check's relative error (B permuted against B) and, when
+    measured (``merge --barrier-data``), the barriers: ``{curve: {dataset: {metric: {definition:
+    value}}}}``. The text says what the model is, lists the inputs and how to reproduce it.
     """
     report = record.get("report") or {}
     config = record.get("config") or {}
@@ -370,6 +371,12 @@ def model_card(record: Mapping[str, Any], *, library: str = "transformers") -> s
         "inputs": {name: {"path": i.get("path"), "sha256": i.get("sha256")} for name, i in inputs.items()},
         "function_preservation_error": report.get("function_preservation_error"),
     }  # fmt: skip
+    barriers = {
+        label: {ds: {m: v["barrier"] for m, v in metrics.items()} for ds, metrics in summary.items()}
+        for label, summary in (report.get("barriers") or {}).items()
+    }
+    if barriers:
+        block["barrier"] = barriers
     front = {"library_name": library, "tags": ["permerge", *([command] if command else [])], "permerge": block}
     paths = {name: (i.get("path") or "?") for name, i in inputs.items()}
     what = _WHAT.get(command, "A model written by permerge.").format(
@@ -391,12 +398,23 @@ def model_card(record: Mapping[str, Any], *, library: str = "transformers") -> s
         f"# permerge {command or 'result'}: {method}", "", what, "", f"Made with permerge {version} on "
         f"{record.get('created_utc', '?')}.", "", "| input | path | SHA-256 |", "|---|---|---|", rows, "",
         *([check, ""] if check else []),
+        *([_barrier_text(barriers), ""] if barriers else []),
         "Reproduce it with `permerge run provenance.json` (from this directory; `-o NEW_DIR` to write elsewhere) "
         f"or the original command, run in `{record.get('cwd', '.')}`:", "", "```bash", line, "```", "",
         "`provenance.json` has the full configuration, the software versions and the report; `report.html` "
         "shows it.", "",
     ]  # fmt: skip
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+
+
+def _barrier_text(barriers: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
+    rows = [
+        f"| {label} | {ds} | {metric} | {b.get('line', float('nan')):.4g} | {b.get('mean', float('nan')):.4g} |"
+        for label, datasets in barriers.items() for ds, metrics in datasets.items() for metric, b in metrics.items()
+    ]  # fmt: skip
+    return ("Barriers along the line between the two endpoints (line: Entezari et al. 2022, the excess over the "
+            "endpoints' line; mean: Git Re-Basin, the excess over their mean):\n\n| curve | data | metric | line | mean |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))  # fmt: skip
 
 
 MERGEKIT_METHODS = ("linear", "slerp")

@@ -147,3 +147,34 @@ def test_emit_mergekit_slerp_runs_in_mergekit(pair, tmp_path, capsys, mergekit):
     w = "model.layers.0.mlp.down_proj.weight"
     got = model.state_dict()[w]
     assert torch.isfinite(got).all() and not torch.allclose(got, ends[0][w]) and not torch.allclose(got, ends[1][w])
+
+
+LM_DATA = """
+import torch
+
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    return [(x, x) for x in torch.randint(0, 64, (2, 3, 12), generator=g)]
+"""
+
+
+def test_merge_barrier_goes_into_curves_report_and_card(pair, tmp_path, monkeypatch, capsys):
+    a, b = pair
+    (tmp_path / "pm_merge_lm.py").write_text(LM_DATA)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "merged"
+    base = ["-q", "merge", "--model", str(a), str(a), str(b)]
+    options = ["--barrier-data", "pm_merge_lm:batches", "--alphas", "3", "-o", str(out)]
+    assert main([*base, str(a), *options]) == 2  # three models: no line between two endpoints
+    assert "merge exactly two" in capsys.readouterr().err and not out.exists()
+    assert main([*base, *options]) == 0
+    capsys.readouterr()
+    curves = json.loads((out / "curves.json").read_text())
+    assert list(curves) == ["aligned"] and curves["aligned"]["higher_is_better"]["perplexity"] is False
+    ppl = curves["aligned"]["values"]["test"]["perplexity"]
+    assert curves["aligned"]["summary"]["test"]["perplexity"]["barrier"]["mean"] == pytest.approx(max(ppl) - (ppl[0] + ppl[-1]) / 2)
+    meta = _front_matter((out / "README.md").read_text())
+    want = {m: v["barrier"] for m, v in curves["aligned"]["summary"]["test"].items()}
+    assert meta["permerge"]["barrier"] == {"aligned": {"test": want}}
+    assert "<svg" in (out / "report.html").read_text()  # the report draws the curve

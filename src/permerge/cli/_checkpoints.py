@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,17 @@ from torch import nn
 
 from permerge.check import check_compatible, tied_aliases
 from permerge.errors import PermergeError, StateDictMismatchError
+from permerge.evaluate import METRIC_SETS, metric_set
 from permerge.hf import checkpoint_keys, checkpoint_spec, is_hf_dir
 from permerge.io.outputs import Planned, hf_extras, result_files, source_files
 from permerge.io.read import open_checkpoint
 from permerge.permutation import Permutation
 from permerge.spec import PermutationSpec
 
-__all__ = ["Loaded", "data_from", "hf_home", "load_checkpoint", "load_into", "resolve_callable"]
+__all__ = [
+    "Loaded", "add_metrics_argument", "batches_from", "data_from", "hf_home", "load_checkpoint", "load_into",
+    "metrics_from", "resolve_callable",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -116,3 +121,34 @@ def resolve_callable(ref: str) -> Any:
 
 def data_from(ref: str | None) -> Iterable[Any] | None:
     return None if ref is None else resolve_callable(ref)()
+
+
+def batches_from(ref: str, flag: str) -> Iterable[Any]:
+    """The batches ``package.module:function`` returns, as a re-iterable (a generator would be used up
+    by the first α of a curve); raises naming ``flag`` if they are not an iterable."""
+    data = resolve_callable(ref)
+    if not callable(data):
+        raise PermergeError(f"{flag} {ref!r} is not a function")
+    data = data()
+    if isinstance(data, Iterator):
+        data = list(data)
+    if not isinstance(data, Iterable):
+        raise PermergeError(f"{flag} {ref!r} returned {type(data).__name__}, not an iterable of (inputs, targets) batches")
+    return data
+
+
+def add_metrics_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics", default="auto",
+                   help=f"metric set: {', '.join(METRIC_SETS)}, auto (causal-lm for Hugging Face causal LMs, else "
+                        "classification) or package.module:name of a dict name → permerge.evaluate.Metric")  # fmt: skip
+
+
+def metrics_from(ref: str) -> Any:
+    """The metric set --metrics names (None for auto: it depends on the model), checked before any work."""
+    if ref == "auto":
+        return None
+    if ref in METRIC_SETS:
+        return ref
+    if ":" not in ref:
+        raise PermergeError(f"--metrics {ref!r}: choose {', '.join(METRIC_SETS)}, auto, or package.module:name")
+    return metric_set(resolve_callable(ref))  # checks every direction is stated

@@ -21,18 +21,17 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import Any
 
 from permerge.align import align
 from permerge.batches import call_kwargs
-from permerge.cli._checkpoints import load_into, resolve_callable
+from permerge.cli._checkpoints import add_metrics_argument, batches_from, load_into, metrics_from
 from permerge.cli._common import Outcome, config_of, result_outcome
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.demo import compare_curves, curves_csv
 from permerge.errors import PermergeError
-from permerge.evaluate import BARRIERS, METRIC_SETS, Curve, metric_set, metrics_for
+from permerge.evaluate import BARRIERS, Curve, metrics_for
 from permerge.io.outputs import OutputDir
 from permerge.io.write import text_writer
 from permerge.plot import plot_curves
@@ -56,9 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="package.module:function returning batches of (inputs, targets): the test data")  # fmt: skip
     p.add_argument("--train-data", help="package.module:function for the training data (evaluated too: train-vs-test)")
     p.add_argument("--stats-data", help="package.module:function for BN reset / REPAIR statistics (default: train, else test)")
-    p.add_argument("--metrics", default="auto",
-                   help=f"metric set: {', '.join(METRIC_SETS)}, auto (causal-lm for Hugging Face causal LMs, else "
-                        "classification) or package.module:name of a dict name → permerge.evaluate.Metric")  # fmt: skip
+    add_metrics_argument(p)
     p.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --force)")
     p.add_argument("--alphas", type=int, default=11, help="points on the α grid from 0 to 1 (default 11)")
     p.add_argument("--align", choices=("weight", "none"), default="weight", help="align B to A first (default weight)")
@@ -68,29 +65,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot-format", choices=("png", "svg"), default="png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
-
-
-def _loader(ref: str, flag: str) -> Iterable[Any]:
-    data = resolve_callable(ref)
-    if not callable(data):
-        raise PermergeError(f"{flag} {ref!r} is not a function")
-    data = data()
-    if isinstance(data, Iterator):  # a generator would be used up by the first α
-        data = list(data)
-    if not isinstance(data, Iterable):
-        raise PermergeError(f"{flag} {ref!r} returned {type(data).__name__}, not an iterable of (inputs, targets) batches")
-    return data
-
-
-def _metrics(ref: str) -> Any:
-    """The metric set --metrics names (None for auto: it depends on the model), checked before any work."""
-    if ref == "auto":
-        return None
-    if ref in METRIC_SETS:
-        return ref
-    if ":" not in ref:
-        raise PermergeError(f"--metrics {ref!r}: choose {', '.join(METRIC_SETS)}, auto, or package.module:name")
-    return metric_set(resolve_callable(ref))  # checks every direction is stated
 
 
 def _table(curves: dict[str, Curve], dataset: str) -> str:
@@ -108,7 +82,7 @@ def run(args: argparse.Namespace) -> Outcome:
     if args.alphas < 2:
         raise PermergeError(f"--alphas must be at least 2 (the endpoints), got {args.alphas}")
     inputs = {"a": args.a, "b": args.b}
-    metrics = _metrics(args.metrics)
+    metrics = metrics_from(args.metrics)
     with OutputDir(args.out, force=args.force, inputs=inputs, quiet=args.quiet) as out:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -116,10 +90,10 @@ def run(args: argparse.Namespace) -> Outcome:
             ref = load_model(args.model, args)
             a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
             metrics = metrics or metrics_for(a)
-            data = {"test": _loader(args.test_data, "--test-data")}
+            data = {"test": batches_from(args.test_data, "--test-data")}
             if args.train_data:
-                data = {"train": _loader(args.train_data, "--train-data"), **data}
-            stats = _loader(args.stats_data, "--stats-data") if args.stats_data else data.get("train", data["test"])
+                data = {"train": batches_from(args.train_data, "--train-data"), **data}
+            stats = batches_from(args.stats_data, "--stats-data") if args.stats_data else data.get("train", data["test"])
         times["load models and data"] = time.perf_counter() - t0
         aligned = None
         if args.align != "none":

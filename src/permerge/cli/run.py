@@ -85,7 +85,10 @@ def run(args: argparse.Namespace) -> Outcome:
         raise PermergeError(f"recipe {args.recipe} runs in {cwd}, which does not exist here; pass --cwd DIR (where its "
                             "relative paths start)")  # fmt: skip
     parser = subcommand_parser(recipe.command)
-    argv = recipe_argv(options, parser, skip=GLOBAL_FLAGS)
+    try:
+        argv = recipe_argv(options, parser, skip=GLOBAL_FLAGS)
+    except PermergeError as e:
+        raise PermergeError(f"recipe {args.recipe}: {e}") from e
     with _in_directory(cwd):
         try:
             sub = parser.parse_args(argv)

@@ -48,7 +48,8 @@ __all__ = ["HFAlignResult", "align_hf", "check_hf_dirs", "prepare_check"]
 
 @dataclass(frozen=True)
 class HFAlignResult:
-    """Where the aligned B was written, the permutation, the spec (in checkpoint keys), a report."""
+    """Where the result (the aligned B; also ``apply``'s outputs) was written, the permutation, the spec
+    (in checkpoint keys), a report."""
 
     out: Path
     permutation: Permutation

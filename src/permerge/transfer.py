@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from permerge.permutation import Permutation, check_permutation
 from permerge.pipeline import ModuleCheck, Stages, positive, resolve_dtype, run_alignment
 from permerge.spec import PermutationSpec
 
-__all__ = ["AdapterResult", "SavedAlignment", "apply_adapter", "apply_hf", "apply_saved", "load_alignment"]
+__all__ = ["SavedAlignment", "apply_adapter", "apply_hf", "apply_saved", "load_alignment"]
 
 PERMUTATION_NAME, SPEC_NAME = "permutation.safetensors", "spec.json"
 
@@ -65,16 +65,6 @@ class _Saved:
 
     permutation: Permutation
     source: str
-
-
-@dataclass(frozen=True)
-class AdapterResult:
-    """Where the permuted adapter was written, the permutation, the adapter's spec, a report."""
-
-    out: Path
-    permutation: Permutation
-    spec: PermutationSpec
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def load_alignment(path: StrPath, *, spec: StrPath | None = None) -> SavedAlignment:
@@ -209,7 +199,7 @@ def apply_adapter(
     command: list[str] | str = "",
     config: Mapping[str, Any] | None = None,
     view: Callable[[Path], object] | None = None,
-) -> AdapterResult:
+) -> HFAlignResult:
     """Write the PEFT LoRA ``adapter`` (trained on ``base``, a checkpoint of B's layout) permuted to fit
     ``base`` permuted by ``saved``, as an adapter directory at ``out``.
 
@@ -258,7 +248,7 @@ def apply_adapter(
             files = _adapter_files(lora, permuted)
             path = sink.commit(files, command=[command] if isinstance(command, str) else list(command),
                                config=config or {}, report=report, view=view)  # fmt: skip
-    return AdapterResult(path, perm, spec, report)
+    return HFAlignResult(path, perm, spec, report)
 
 
 def _module_check(

@@ -336,8 +336,10 @@ _WHAT = {
     "recipe in mergekit.yaml when present) averages matching units.",
     "merge": "A merge of {n} models ({inputs}) by permerge's `{method}` method (each model's hidden units "
     "aligned to a common basis before averaging, except for the `average` baseline).",
-    "apply": "{checkpoint}, with the permutation saved in {alignment} applied: it computes the same function "
+    "apply": "{checkpoint}, with the permutation saved in {permutation} applied: it computes the same function "
     "as the input, in the aligned basis.",
+    "apply-adapter": "The LoRA adapter {adapter} (trained on {base}), permuted with the permutation saved in "
+    "{permutation}: on the base permuted the same way it computes what it computed on {base}.",
 }
 
 
@@ -379,9 +381,10 @@ def model_card(record: Mapping[str, Any], *, library: str = "transformers") -> s
         block["barrier"] = barriers
     front = {"library_name": library, "tags": ["permerge", *([command] if command else [])], "permerge": block}
     paths = {name: (i.get("path") or "?") for name, i in inputs.items()}
-    what = _WHAT.get(command, "A model written by permerge.").format(
-        method=method, n=len(inputs), inputs=", ".join(paths.values()), a=paths.get("a", "?"), b=paths.get("b", "?"),
-        checkpoint=paths.get("checkpoint", "?"), alignment=paths.get("alignment", "?"),
+    kind = "apply-adapter" if command == "apply" and "adapter" in paths else command
+    what = _WHAT.get(kind, "A model written by permerge.").format(
+        method=method, n=len(inputs), inputs=", ".join(paths.values()),
+        **{k: paths.get(k, "?") for k in ("a", "b", "checkpoint", "permutation", "adapter", "base")},
     )  # fmt: skip
     rows = "\n".join(
         f"| {name} | `{path}` | " + "<br>".join(f"`{f}`: `{h}`" for f, h in (inputs[name].get("sha256") or {}).items()) + " |"
@@ -399,7 +402,7 @@ def model_card(record: Mapping[str, Any], *, library: str = "transformers") -> s
         f"{record.get('created_utc', '?')}.", "", "| input | path | SHA-256 |", "|---|---|---|", rows, "",
         *([check, ""] if check else []),
         *([_barrier_text(barriers), ""] if barriers else []),
-        "Reproduce it with `permerge run provenance.json` (from this directory; `-o NEW_DIR` to write elsewhere) "
+        "Reproduce it with `permerge run provenance.json -o NEW_DIR` "
         f"or the original command, run in `{record.get('cwd', '.')}`:", "", "```bash", line, "```", "",
         "`provenance.json` has the full configuration, the software versions and the report; `report.html` "
         "shows it.", "",

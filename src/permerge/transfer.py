@@ -37,7 +37,7 @@ from permerge.check import StreamedCheck, check_compatible
 from permerge.errors import FunctionNotPreservedError, PermergeIOError, SpecError
 from permerge.hf import checkpoint_keys, model_card, module_spec
 from permerge.io.outputs import OutputDir, Planned, hf_extras, hf_files
-from permerge.io.read import StrPath, open_checkpoint
+from permerge.io.read import StrPath, TensorSource, open_checkpoint
 from permerge.io.write import load_permutation, output_bytes, parse_size, safetensors_writer
 from permerge.lora import AdaptedSource, LoraAdapter, adapted_error, permute_adapter, read_adapter
 from permerge.models import ModelRef
@@ -252,7 +252,7 @@ def apply_adapter(
 
 
 def _module_check(
-    saved: SavedAlignment, lora: LoraAdapter, src: Any, model: ModelRef, key_map: Mapping[str, str], *, tol: float,
+    saved: SavedAlignment, lora: LoraAdapter, src: TensorSource, model: ModelRef, key_map: Mapping[str, str], *, tol: float,
     seed: int, name: str,
 ) -> tuple[PermutationSpec, ModuleCheck]:  # fmt: skip
     """The in-memory function check of base + adapter: ``model`` with the adapted weights."""

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from permerge.cli._checkpoints import hf_home, load_checkpoint
 from permerge.cli._common import Outcome, config_of, result_outcome
@@ -120,7 +122,7 @@ def _run_adapter(args: argparse.Namespace, saved: SavedAlignment) -> Outcome:
     return result_outcome("apply", res.out, _text(res.report, args.out), res.report)
 
 
-def _text(report: dict, out: str) -> str:
+def _text(report: Mapping[str, Any], out: str) -> str:
     adapter = " (LoRA adapter: base + adapter checked)" if "adapter_check" in report else ""
     return (f"applied the saved permutation ({report['changed_groups']}/{report['groups']} groups moved){adapter}; "
             f"function check: relative error {report['function_preservation_error']:.1e}; wrote {out}")  # fmt: skip

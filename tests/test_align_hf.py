@@ -90,7 +90,8 @@ def test_force_over_a_sharded_output_leaves_exactly_the_new_files(dirs, tmp_path
         align_hf(a, b, out, quiet=True, spec=spec)
     align_hf(a, b, out, quiet=True, force=True, spec=spec)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "permutation.safetensors", "provenance.json", "spec.json",
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "permutation.safetensors",
+        "provenance.json", "spec.json",
     ]  # fmt: skip
     assert _load(out) is not None
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -111,10 +112,11 @@ def test_foreign_weight_files_are_left_out_and_listed(dirs, tmp_path):
     res = align_hf(a, b, out, quiet=True, spec=spec_of("llama", str(b0)))
     files = {p.name for p in out.iterdir()}
     assert {"tokenizer.json", "README.md"} <= files and not (files & {*foreign, "notes.txt", "onnx"})
-    assert (out / "README.md").read_text() == "# model card\n"
+    assert (out / "README.md").read_text().startswith("---\nlibrary_name: transformers\n")  # B's card is replaced
     left_out = json.loads((out / "provenance.json").read_text())["report"]["left_out"]
     assert left_out == res.report["left_out"]
-    assert sorted(left_out) == sorted([*foreign, "notes.txt", "onnx"])
+    assert sorted(left_out) == sorted([*foreign, "notes.txt", "onnx", "README.md"])
+    assert "replaced by permerge's" in left_out["README.md"]
     assert "TensorFlow" in left_out["tf_model.h5"] and "unpermuted" in left_out["model-q4.gguf"]
     assert "unpermuted" in left_out["pytorch_model.bin"] and "allow-list" in left_out["notes.txt"]
 

@@ -9,6 +9,14 @@ if "torch" not in _sys.modules:
     # explicit setting always wins.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("permerge")
+except _NotInstalled:  # a source tree on sys.path, not installed
+    __version__ = "unknown"
+
 from permerge import merge  # the subpackage, callable as merge(models, weights)
 from permerge.align import AlignResult, align
 from permerge.align_hf import align_hf

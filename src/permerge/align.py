@@ -112,7 +112,7 @@ def align(
         >>> sorted(res.model.state_dict()) == sorted(b.state_dict())
         True
     """
-    stages = Stages()
+    stages = Stages(quiet=quiet)
     with stages("validate"):
         positive("tol", tol)
         check_models(model_a, model_b, data=data, method=method)

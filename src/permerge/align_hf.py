@@ -11,8 +11,7 @@ streamed, at most a few tensors of each model are in RAM, in the check too.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from permerge.hf import (
 )
 from permerge.io.outputs import OutputDir, hf_files
 from permerge.io.read import StrPath, TensorSource, load_state_dict, open_checkpoint
-from permerge.io.write import parse_size
+from permerge.io.write import output_bytes, parse_size
 from permerge.match import lap
 from permerge.match.stream import stream_weight_matching
 from permerge.match.weight import weight_matching
@@ -49,7 +48,8 @@ __all__ = ["HFAlignResult", "align_hf", "check_hf_dirs", "prepare_check"]
 
 @dataclass(frozen=True)
 class HFAlignResult:
-    """Where the aligned B was written, the permutation, the spec (in checkpoint keys), a report."""
+    """Where the result (the aligned B; also ``apply``'s outputs) was written, the permutation, the spec
+    (in checkpoint keys), a report."""
 
     out: Path
     permutation: Permutation
@@ -86,15 +86,6 @@ def prepare_check(
     return spec, StreamedCheck(program, spec, src_b, key_map, sample_inputs(arch, seed), tol=tol, name=name)
 
 
-def _output_bytes(source: TensorSource, out_dtype: torch.dtype | None) -> int:
-    total = 0
-    for k in source.keys():  # noqa: SIM118 (a TensorSource is not iterable)
-        dtype = source.dtype(k)
-        dtype = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
-        total += math.prod(source.shape(k)) * dtype.itemsize
-    return total
-
-
 def align_hf(
     a_dir: StrPath,
     b_dir: StrPath,
@@ -115,6 +106,7 @@ def align_hf(
     command: list[str] | str = "",
     config: dict[str, Any] | None = None,
     view: Callable[[Path], object] | None = None,
+    extra_files: Mapping[str, Callable[[Path], object]] | None = None,
 ) -> HFAlignResult:
     """Align B's hidden units to A's by weight matching and write B, permuted, as an HF directory.
 
@@ -134,6 +126,7 @@ def align_hf(
         tol: the function check's tolerance (relative to the largest output magnitude).
         command, config: recorded in ``provenance.json``.
         view: renders a file from the complete output (the CLI passes the HTML report writer).
+        extra_files: more files for the output, ``name → writer(path)`` (the CLI's mergekit recipe).
 
     Returns:
         An :class:`HFAlignResult`; ``out`` loads with ``AutoModel*.from_pretrained`` and computes B's
@@ -143,7 +136,7 @@ def align_hf(
     Example:
         >>> res = align_hf("llama-a", "llama-b", "llama-b-aligned", workers=8)  # doctest: +SKIP
     """
-    stages = Stages()
+    stages = Stages(quiet=quiet)
     inputs = {"a": a_dir, "b": b_dir}
     with stages("validate"):
         dev = resolve_device(device)
@@ -158,7 +151,8 @@ def align_hf(
         with stages("validate"):
             src_a = stack.enter_context(open_checkpoint(a_dir, mmap=False))
             src_b = stack.enter_context(open_checkpoint(b_dir, mmap=False))
-            sink = stack.enter_context(OutputDir(out, force=force, inputs=inputs, expected_bytes=_output_bytes(src_b, dtype)))
+            sink = stack.enter_context(OutputDir(out, force=force, inputs=inputs, expected_bytes=output_bytes(src_b, dtype),
+                                                 quiet=quiet))  # fmt: skip
             names = [f"A ({a_dir})", f"B ({b_dir})"]
             check_compatible([src_a, src_b], names, configs=[architecture_fields(a_dir), architecture_fields(b_dir)])
         with stages("trace"):
@@ -172,8 +166,9 @@ def align_hf(
                                    backend=backend, workers=workers, quiet=quiet, device=dev)  # fmt: skip
 
         perm, report = run_alignment(spec, match, check, stages, method="weight", streamed=stream)
-        with stages("write"):
+        with stages("write", show=False):  # the output directory draws its own bar
             files, left_out = hf_files(src_b, b_dir, spec, perm, out_dtype=dtype, max_shard_size=max_shard_size)
+            files.update(extra_files or {})
             report["left_out"] = left_out
             path = sink.commit(files, command=[command] if isinstance(command, str) else list(command),
                                config=config or {}, report=report, view=view)  # fmt: skip

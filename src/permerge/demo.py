@@ -20,19 +20,24 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from permerge.align import align
 from permerge.batches import call_kwargs
 from permerge.errors import PermergeError
 from permerge.evaluate import Curve, Metric, interpolation_curve, metric_set
 from permerge.models import MLP, VGG
+from permerge.progress import progress
 from permerge.repair import repair_transform
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from permerge.io.outputs import OutputDir
 
 LOG = logging.getLogger(__name__)
 
@@ -202,32 +207,35 @@ def run_demo(
     force: bool = False,
     quiet: bool = False,
     command: Sequence[str] | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> DemoResult:
     """Train two seeds of each demo model on digits, align, measure barriers, write results to ``out``.
 
     Writes ``out/<model>.png`` (loss and accuracy vs α, train and test, for the three curves),
     ``out/curves.json``, ``out/curves.csv``, ``out/barriers.md`` (the table, test barriers, "line"
     definition), ``out/provenance.json`` and ``out/report.html``, all or nothing; ``out`` must be
-    new or empty unless ``force``. Seeds ``seed`` and ``seed + 1``.
+    new or empty unless ``force`` and is claimed before training (:class:`~permerge.io.outputs.OutputDir`).
+    Seeds ``seed`` and ``seed + 1``. ``command`` and ``config`` are recorded in ``provenance.json``
+    (default: ``sys.argv`` and this call's options).
     """
-    from permerge.io.write import prepare_output_dir
+    from permerge.io.outputs import OutputDir
 
     unknown = [m for m in models if m not in DEMO_MODELS]
     if unknown:
         raise PermergeError(f"unknown demo model(s) {unknown}; choose from {', '.join(DEMO_MODELS)}")
-    prepare_output_dir(out, force=force, inputs=[], create=False)  # fail before training
     _plot_check()
+    config = dict(config) if config is not None else {"models": list(models), "quick": quick, "seed": seed, "alphas": alphas}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these models are tiny: extra threads cost more than they bring (2x measured)
-    try:
-        return _run(out, models, quick, seed, alphas, force, quiet, command)
-    finally:
-        torch.set_num_threads(threads)
+    with OutputDir(out, force=force, inputs={}, quiet=quiet) as od:  # claimed before training
+        torch.set_num_threads(1)  # these models are tiny: extra threads cost more than they bring (2x measured)
+        try:
+            return _run(od, models, quick, seed, alphas, quiet, list(command or sys.argv), config)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas: int, force: bool, quiet: bool,
-         command: Sequence[str] | None) -> DemoResult:  # fmt: skip
-    from permerge.io.outputs import write_files
+def _run(od: OutputDir, models: Sequence[str], quick: bool, seed: int, alphas: int, quiet: bool, command: list[str],
+         config: Mapping[str, Any]) -> DemoResult:  # fmt: skip
     from permerge.io.write import text_writer
     from permerge.plot import plot_curves
     from permerge.report import write_report
@@ -237,7 +245,7 @@ def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas:
     train_batches, test = _batches(x, y, 256), _batches(xt, yt, 512)
     rows, curves = [], {}
     total = sum(2 * (DEMO_MODELS[m].quick_epochs if quick else DEMO_MODELS[m].epochs) for m in models)
-    with tqdm(total=total, desc="training", unit="epoch", disable=quiet, file=sys.stderr) as bar:
+    with progress(total=total, desc="training", unit="epoch", quiet=quiet) as bar:
         trained = {}
         for name in models:
             spec = DEMO_MODELS[name]
@@ -273,9 +281,8 @@ def _run(out: str | Path, models: Sequence[str], quick: bool, seed: int, alphas:
     report = {"table": table, "barriers": {r.model: r.barriers for r in rows}, "align": {m: r.report for m, r in aligned.items()},
               "timing_s": {"data + training": train_seconds, "evaluating curves": sum(c.seconds or 0.0 for cs in curves.values() for c in cs.values()),
                            "total": seconds}}  # fmt: skip
-    config = {"models": list(models), "quick": quick, "seed": seed, "alphas": alphas}
-    path = write_files(out, files, force=force, inputs={}, command=list(command or sys.argv), config=config, report=report)
-    write_report(path, title="permerge demo: two seeds on digits, naive vs weight-matched vs REPAIR")
+    path = od.commit(files, command=command, config=config, report=report,
+                     view=functools.partial(write_report, title="permerge demo: two seeds on digits, naive vs weight-matched vs REPAIR"))  # fmt: skip
     return DemoResult(tuple(rows), curves, path, seconds)
 
 

@@ -11,6 +11,9 @@
   :func:`checkpoint_spec` rewrites a traced spec into the checkpoint's keys with it,
   :func:`module_spec` back; :func:`saved_keys` names the keys ``save_pretrained`` would write
   (for a spec saved from a directory that has only ``config.json``).
+* :func:`model_card` writes the ``README.md`` of every Hugging Face result (YAML front matter:
+  what was done, the inputs and their SHA-256, the function check, permerge's version), and
+  :func:`mergekit_config` a mergekit recipe that merges A with B aligned by permerge.
 * :func:`runtime_buffers` (with :meth:`permerge.graph.capture.Program.on`) and :func:`sample_inputs` make a program traced on the
   meta device runnable on real weights: non-persistent buffers (RoPE's ``inv_freq``) are not in
   checkpoints and are recomputed the way ``from_pretrained`` recomputes them, and device arguments
@@ -22,11 +25,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shlex
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from permerge.check import tied_aliases
@@ -38,12 +43,15 @@ from permerge.spec import PermutationSpec
 LOG = logging.getLogger(__name__)
 
 __all__ = [
+    "MERGEKIT_METHODS",
     "NON_ARCHITECTURE_FIELDS",
     "architecture_fields",
     "checkpoint_keys",
     "checkpoint_spec",
     "hf_architecture",
     "is_hf_dir",
+    "mergekit_config",
+    "model_card",
     "module_spec",
     "rename_spec",
     "runtime_buffers",
@@ -318,3 +326,125 @@ def sample_inputs(ref: ModelRef, seed: int = 0) -> tuple[tuple[Any, ...], dict[s
         return torch.zeros(x.shape, dtype=x.dtype)
 
     return tuple(sample(x) for x in ref.inputs), {k: sample(v) for k, v in ref.kwargs.items()}
+
+
+# -- model cards and mergekit recipes -------------------------------------------------------------
+
+_WHAT = {
+    "align": "Model B ({b}) with its hidden units permuted to match model A ({a}) by {method} matching. It "
+    "computes B's function, now in A's basis, so averaging it with A (permerge merge, or mergekit with the "
+    "recipe in mergekit.yaml when present) averages matching units.",
+    "merge": "A merge of {n} models ({inputs}) by permerge's `{method}` method (each model's hidden units "
+    "aligned to a common basis before averaging, except for the `average` baseline).",
+    "apply": "{checkpoint}, with the permutation saved in {permutation} applied: it computes the same function "
+    "as the input, in the aligned basis.",
+    "apply-adapter": "The LoRA adapter {adapter} (trained on {base}), permuted with the permutation saved in "
+    "{permutation}: on the base permuted the same way it computes what it computed on {base}.",
+}
+
+
+def _sub_command(record: Mapping[str, Any]) -> str:
+    config = record.get("config") or {}
+    if isinstance(config.get("command"), str):
+        return config["command"]
+    cmd = record.get("command")
+    words = cmd if isinstance(cmd, list) else shlex.split(cmd or "")
+    return next((w for w in words[1:] if not w.startswith("-")), "")
+
+
+def model_card(record: Mapping[str, Any], *, library: str = "transformers") -> str:
+    """A model card (``README.md``) for a result, from its provenance record
+    (:func:`~permerge.io.write.write_provenance`).
+
+    The YAML front matter holds ``library_name`` (``transformers``, or ``peft`` for an adapter),
+    ``tags`` and a ``permerge`` block: version, command, method, creation time, every input with its
+    path and SHA-256 per file, the function check's relative error (B permuted against B) and, when
+    measured (``merge --barrier-data``), the barriers: ``{curve: {dataset: {metric: {definition:
+    value}}}}``. The text says what the model is, lists the inputs and how to reproduce it.
+    """
+    report = record.get("report") or {}
+    config = record.get("config") or {}
+    inputs = record.get("inputs") or {}
+    command = _sub_command(record)
+    method = report.get("method") or config.get("method") or command or "unknown"
+    version = (record.get("versions") or {}).get("permerge", "unknown")
+    block: dict[str, Any] = {
+        "version": version, "command": command, "method": method, "created_utc": record.get("created_utc"),
+        "inputs": {name: {"path": i.get("path"), "sha256": i.get("sha256")} for name, i in inputs.items()},
+        "function_preservation_error": report.get("function_preservation_error"),
+    }  # fmt: skip
+    barriers = {
+        label: {ds: {m: v["barrier"] for m, v in metrics.items()} for ds, metrics in summary.items()}
+        for label, summary in (report.get("barriers") or {}).items()
+    }
+    if barriers:
+        block["barrier"] = barriers
+    front = {"library_name": library, "tags": ["permerge", *([command] if command else [])], "permerge": block}
+    paths = {name: (i.get("path") or "?") for name, i in inputs.items()}
+    kind = "apply-adapter" if command == "apply" and "adapter" in paths else command
+    what = _WHAT.get(kind, "A model written by permerge.").format(
+        method=method, n=len(inputs), inputs=", ".join(paths.values()),
+        **{k: paths.get(k, "?") for k in ("a", "b", "checkpoint", "permutation", "adapter", "base")},
+    )  # fmt: skip
+    rows = "\n".join(
+        f"| {name} | `{path}` | " + "<br>".join(f"`{f}`: `{h}`" for f, h in (inputs[name].get("sha256") or {}).items()) + " |"
+        for name, path in paths.items()
+    )
+    error = report.get("function_preservation_error")
+    check = (
+        f"The function check ran before anything was written: the permuted weights compute the input's "
+        f"function to a relative error of {error:.1e}." if isinstance(error, (int, float)) else ""
+    )
+    cmd = record.get("command")
+    line = shlex.join(cmd) if isinstance(cmd, list) else str(cmd or "")
+    body = [
+        f"# permerge {command or 'result'}: {method}", "", what, "", f"Made with permerge {version} on "
+        f"{record.get('created_utc', '?')}.", "", "| input | path | SHA-256 |", "|---|---|---|", rows, "",
+        *([check, ""] if check else []),
+        *([_barrier_text(barriers), ""] if barriers else []),
+        "Reproduce it with `permerge run provenance.json -o NEW_DIR` "
+        f"or the original command, run in `{record.get('cwd', '.')}`:", "", "```bash", line, "```", "",
+        "`provenance.json` has the full configuration, the software versions and the report; `report.html` "
+        "shows it.", "",
+    ]  # fmt: skip
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body)
+
+
+def _barrier_text(barriers: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
+    rows = [
+        f"| {label} | {ds} | {metric} | {b.get('line', float('nan')):.4g} | {b.get('mean', float('nan')):.4g} |"
+        for label, datasets in barriers.items() for ds, metrics in datasets.items() for metric, b in metrics.items()
+    ]  # fmt: skip
+    return ("Barriers along the line between the two endpoints (line: Entezari et al. 2022, the excess over the "
+            "endpoints' line; mean: Git Re-Basin, the excess over their mean):\n\n| curve | data | metric | line | mean |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))  # fmt: skip
+
+
+MERGEKIT_METHODS = ("linear", "slerp")
+"""mergekit merge methods :func:`mergekit_config` writes recipes for (two models, one line between them)."""
+
+
+def mergekit_config(model_a: StrPath, aligned_b: StrPath, *, method: str = "linear", dtype: str = "float32") -> str:
+    """A mergekit recipe (YAML) merging A with B aligned to it: the align-then-mergekit workflow.
+
+    ``linear`` averages with weights 0.5 / 0.5, ``slerp`` interpolates spherically at ``t = 0.5``
+    from A; edit the weights or ``t`` to move along the line. Paths are absolute, so the recipe runs
+    from anywhere (mergekit treats relative names as Hugging Face Hub ids).
+
+    Example:
+        >>> print(mergekit_config("/m/a", "/m/b-aligned"))  # doctest: +SKIP
+    """
+    a, b = str(Path(model_a).resolve()), str(Path(aligned_b).resolve())
+    if method == "linear":
+        cfg: dict[str, Any] = {"merge_method": "linear", "models": [{"model": a, "parameters": {"weight": 0.5}},
+                                                                    {"model": b, "parameters": {"weight": 0.5}}]}  # fmt: skip
+    elif method == "slerp":
+        cfg = {"merge_method": "slerp", "base_model": a, "models": [{"model": a}, {"model": b}], "parameters": {"t": 0.5}}
+    else:
+        raise PermergeError(f"unknown mergekit method {method!r}; permerge writes recipes for {', '.join(MERGEKIT_METHODS)}")
+    cfg["dtype"] = dtype
+    header = (
+        "# mergekit recipe written by permerge: model B, aligned to model A by permerge (its hidden units in A's\n"
+        "# order), merged with A at the midpoint. Run: mergekit-yaml mergekit.yaml merged/\n"
+    )
+    return header + yaml.safe_dump(cfg, sort_keys=False)

@@ -38,6 +38,7 @@ from permerge.check import PreservationReport, check_function_preserved
 from permerge.errors import PermergeError
 from permerge.io.write import jsonable
 from permerge.permutation import Permutation
+from permerge.progress import phase
 from permerge.spec import PermutationSpec
 
 __all__ = [
@@ -101,15 +102,19 @@ def positive(name: str, value: float | None, *, integer: bool = False) -> None:
 
 @dataclass
 class Stages:
-    """Wall time per pipeline stage (a stage entered twice adds up)."""
+    """Wall time per pipeline stage (a stage entered twice adds up), each shown as a
+    :func:`~permerge.progress.phase` on a terminal unless ``quiet`` or ``show=False`` (a stage with
+    its own bar)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    quiet: bool = True
 
     @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def __call__(self, name: str, *, show: bool = True) -> Iterator[None]:
         t0 = time.perf_counter()
         try:
-            yield
+            with phase(name, quiet=self.quiet or not show):
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
@@ -168,7 +173,7 @@ def run_alignment(
     if check is not None:
         with stages("check"):
             check.reference()
-    with stages("match"):
+    with stages("match", show=False):  # matchers draw their own bars
         result = match()
     moved = getattr(result, "transform", result.permutation)  # dense maps and scales too (match/symmetry.py)
     preservation = None

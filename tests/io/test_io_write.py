@@ -297,7 +297,8 @@ def test_provenance_contents(tmp_path: Path) -> None:
     assert path == out / "provenance.json"
     assert listing(out) == ["provenance.json"]
     record = json.loads(path.read_text())
-    assert set(record) == {"versions", "platform", "created_utc", "command", "config", "inputs", "report"}
+    assert set(record) == {"versions", "platform", "created_utc", "command", "cwd", "config", "inputs", "report"}
+    assert record["cwd"] == str(Path.cwd())
     assert set(record["versions"]) == {"permerge", "python", "torch", "numpy", "scipy", "safetensors", "cuda"}
     assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert record["versions"]["numpy"] == np.__version__

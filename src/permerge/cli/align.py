@@ -1,8 +1,13 @@
 """Align model B's hidden units to model A's and write the aligned B.
 
 Writes OUT/model.safetensors (B permuted: B's keys and dtypes, B's function), OUT/permutation.
-safetensors (one int64 index vector per group), OUT/spec.json (in the checkpoint's keys) and
-OUT/provenance.json (command, versions, input hashes, the report with the function check's error).
+safetensors (one int64 index vector per group), OUT/spec.json (in the checkpoint's keys),
+OUT/provenance.json (command, versions, input hashes, the report with the function check's error)
+and OUT/report.html. When B is a Hugging Face model (B or --model a directory with config.json),
+OUT is a Hugging Face directory: B's config.json, tokenizer, generation config and chat template,
+and a model card (README.md). --emit-mergekit adds OUT/mergekit.yaml, a mergekit recipe merging A
+with the aligned B (run: mergekit-yaml OUT/mergekit.yaml merged/). The permutation can be applied
+to B's fine-tuned siblings and LoRA adapters with `permerge apply OUT ...`.
 
 Without --model, A and B are Hugging Face model directories: their config.json files must agree on
 every architecture-defining field, the architecture comes from A's (built on the meta device),
@@ -24,14 +29,16 @@ from pathlib import Path
 
 from permerge.align import align, check_method
 from permerge.align_hf import align_hf, check_hf_dirs
-from permerge.cli._checkpoints import data_from, load_checkpoint
+from permerge.cli._checkpoints import data_from, hf_home, load_checkpoint
+from permerge.cli._common import Outcome, config_of, result_outcome
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.errors import PermergeError, PermergeIOError, SpecError
-from permerge.hf import checkpoint_spec, module_spec
-from permerge.io.outputs import OutputDir, result_files
-from permerge.io.read import file_bytes
-from permerge.io.write import parse_size
-from permerge.pipeline import positive, resolve_device, resolve_dtype
+from permerge.hf import MERGEKIT_METHODS, is_hf_dir, mergekit_config, module_spec
+from permerge.io.outputs import OutputDir
+from permerge.io.read import file_bytes, open_checkpoint
+from permerge.io.write import parse_size, text_writer
+from permerge.pipeline import DTYPES, positive, resolve_device, resolve_dtype
+from permerge.progress import phase
 from permerge.report import write_report
 from permerge.spec import PermutationSpec
 
@@ -41,6 +48,7 @@ EPILOG = """examples:
   permerge align llama-a/ llama-b/ -o llama-b-aligned/ --workers 8 --max-shard-size 5GB
   permerge align llama-a/ llama-b/ -o out/ --device cuda --out-dtype bfloat16
   permerge align --model mypkg.nets:vgg --input-shape 1,3,32,32 a.pt b.pt -o out --method activation --data mypkg.data:loader
+  permerge align llama-a/ llama-b/ -o b-aligned/ --emit-mergekit && mergekit-yaml b-aligned/mergekit.yaml merged/
 """
 _HF_ONLY = ("stream", "out_dtype", "max_shard_size")
 
@@ -60,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="run the weight-matching cost matmuls here, e.g. cuda (LAPs stay on the CPU)")
     p.add_argument("--workers", type=int, help="threads solving independent groups' LAPs (default: one per two cores, at most 4)")
     p.add_argument("--max-sweeps", type=int, help="stop weight matching's coordinate descent after this many sweeps (default 100)")
+    p.add_argument("--emit-mergekit", nargs="?", const="linear", choices=MERGEKIT_METHODS, metavar="METHOD",
+                   help="also write OUT/mergekit.yaml: a mergekit recipe merging A with the aligned B "
+                        f"({' or '.join(MERGEKIT_METHODS)}, default linear; needs Hugging Face models)")  # fmt: skip
     hf = p.add_argument_group("Hugging Face directories (no --model)")
     hf.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="read the checkpoints one tensor at a time (default); --no-stream loads both into RAM")  # fmt: skip
@@ -98,7 +109,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise PermergeIOError(f"checkpoint {name} not found: {path}")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Outcome:
     _validate(args)
     if args.model is None:
         return _run_hf(args)
@@ -109,45 +120,58 @@ def run(args: argparse.Namespace) -> int:
     check_method(args.method, has_data=args.data is not None)
     options = _matcher_options(args)
     spec = _spec(args.spec)
-    with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=file_bytes(args.b)) as out:
-        ref = load_model(args.model, args)
-        a, b = load_checkpoint(ref.model, args.a, "A"), load_checkpoint(ref.model, args.b, "B")
+    hf_dir = hf_home(args.b, args.model)
+    if args.emit_mergekit and (hf_dir is None or not is_hf_dir(args.a)):
+        raise PermergeError("--emit-mergekit needs Hugging Face models: A a directory with config.json, and B one (or --model "
+                            "one), so that mergekit can read A and the output")  # fmt: skip
+    with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=file_bytes(args.b), quiet=args.quiet) as out:
+        with phase("loading", quiet=args.quiet):
+            ref = load_model(args.model, args)
+            a, b = load_checkpoint(ref.model, args.a, "A"), load_checkpoint(ref.model, args.b, "B")
         res = align(a.model, b.model, ref.inputs, args.method, spec=None if spec is None else module_spec(spec, b.keys),
                     example_kwargs=ref.kwargs, data=data_from(args.data), seed=args.seed, quiet=args.quiet,
                     **options)  # fmt: skip
-        files = result_files({"model": b.checkpoint_state(res.model.state_dict())}, {"permutation": res.permutation},
-                             checkpoint_spec(res.spec, b.model, b.keys.values()))  # fmt: skip
-        out.commit(files, command=sys.argv, config=_config(args), report=res.report, view=write_report)
-    sys.stdout.write(
-        f"aligned {res.report['changed_groups']}/{res.report['groups']} groups ({args.method}); function check: "
-        f"relative error {res.report['function_preservation_error']:.1e}; wrote {args.out}\n"
-    )
-    return 0
+        files, left_out = b.result_files(res.model.state_dict(), {"permutation": res.permutation}, res.spec, hf_dir)
+        report = {**res.report, **({"left_out": left_out} if hf_dir is not None else {})}
+        if args.emit_mergekit:
+            files["mergekit.yaml"] = text_writer(mergekit_config(args.a, out.out, method=args.emit_mergekit,
+                                                                 dtype=_dtype_name(args.b, None)))  # fmt: skip
+        out.commit(files, command=sys.argv, config=config_of(args), report=report, view=write_report)
+    text = (f"aligned {res.report['changed_groups']}/{res.report['groups']} groups ({args.method}); function check: "
+            f"relative error {res.report['function_preservation_error']:.1e}; wrote {args.out}")  # fmt: skip
+    return result_outcome("align", out.out, text, report)
 
 
-def _run_hf(args: argparse.Namespace) -> int:
+def _run_hf(args: argparse.Namespace) -> Outcome:
     check_hf_dirs(args.a, args.b)
     if args.method != "weight":
         raise PermergeError(f"Hugging Face directories are aligned by weight matching only, not --method {args.method}")
     if args.data is not None:
         raise PermergeError("--data is for --method activation/ste, which need --model")
-    resolve_dtype(args.out_dtype)
+    dtype = resolve_dtype(args.out_dtype)
     if args.max_shard_size is not None:
         parse_size(args.max_shard_size)
     stream = args.stream is not False
+    extra = {}
+    if args.emit_mergekit:
+        extra["mergekit.yaml"] = text_writer(mergekit_config(args.a, Path(args.out).resolve(), method=args.emit_mergekit,
+                                                             dtype=_dtype_name(args.b, dtype)))  # fmt: skip
     res = align_hf(
         args.a, args.b, args.out, stream=stream, spec=_spec(args.spec), seed=args.seed,
         max_sweeps=args.max_sweeps or 100, device=args.device, workers=args.workers, out_dtype=args.out_dtype,
         max_shard_size=args.max_shard_size or "5GB", force=args.force, quiet=args.quiet, command=sys.argv,
-        config=_config(args), view=write_report,
+        config=config_of(args), view=write_report, extra_files=extra,
     )  # fmt: skip
-    sys.stdout.write(
-        f"aligned {res.report['changed_groups']}/{res.report['groups']} groups (weight, "
-        f"{'streamed' if stream else 'in memory'}); function check: relative error "
-        f"{res.report['function_preservation_error']:.1e}; wrote {res.out}\n"
-    )
-    return 0
+    text = (f"aligned {res.report['changed_groups']}/{res.report['groups']} groups (weight, "
+            f"{'streamed' if stream else 'in memory'}); function check: relative error "
+            f"{res.report['function_preservation_error']:.1e}; wrote {res.out}")  # fmt: skip
+    return result_outcome("align", res.out, text, res.report)
 
 
-def _config(args: argparse.Namespace) -> dict[str, object]:
-    return {k: v for k, v in vars(args).items() if k != "run"}
+def _dtype_name(checkpoint: str, out_dtype: object) -> str:
+    """The floating dtype of the output: ``out_dtype``, else the checkpoint's first floating tensor's."""
+    if out_dtype is not None:
+        return next(k for k, v in DTYPES.items() if v == out_dtype)
+    with open_checkpoint(checkpoint) as src:
+        return next((str(src.dtype(k)).removeprefix("torch.") for k in src.keys() if src.dtype(k).is_floating_point),
+                    "float32")  # fmt: skip

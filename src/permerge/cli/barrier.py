@@ -21,19 +21,21 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from permerge.align import align
 from permerge.batches import call_kwargs
-from permerge.cli._checkpoints import load_into, resolve_callable
+from permerge.cli._checkpoints import add_metrics_argument, batches_from, load_into, metrics_from
+from permerge.cli._common import Outcome, config_of, result_outcome
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.demo import compare_curves, curves_csv
 from permerge.errors import PermergeError
-from permerge.evaluate import BARRIERS, METRIC_SETS, Curve, metric_set, metrics_for
-from permerge.io.outputs import write_files
-from permerge.io.write import prepare_output_dir, text_writer
+from permerge.evaluate import BARRIERS, Curve, metrics_for
+from permerge.io.outputs import OutputDir
+from permerge.io.write import text_writer
 from permerge.plot import plot_curves
+from permerge.progress import phase
 from permerge.report import write_report
 
 HELP = "barriers (both definitions) between two checkpoints on train/test data: naive, aligned, BN reset, REPAIR"
@@ -53,9 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="package.module:function returning batches of (inputs, targets): the test data")  # fmt: skip
     p.add_argument("--train-data", help="package.module:function for the training data (evaluated too: train-vs-test)")
     p.add_argument("--stats-data", help="package.module:function for BN reset / REPAIR statistics (default: train, else test)")
-    p.add_argument("--metrics", default="auto",
-                   help=f"metric set: {', '.join(METRIC_SETS)}, auto (causal-lm for Hugging Face causal LMs, else "
-                        "classification) or package.module:name of a dict name → permerge.evaluate.Metric")  # fmt: skip
+    add_metrics_argument(p)
     p.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --force)")
     p.add_argument("--alphas", type=int, default=11, help="points on the α grid from 0 to 1 (default 11)")
     p.add_argument("--align", choices=("weight", "none"), default="weight", help="align B to A first (default weight)")
@@ -64,30 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repair-batches", type=int, default=10, help="batches REPAIR measures statistics on (default 10)")
     p.add_argument("--plot-format", choices=("png", "svg"), default="png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="write into a non-empty OUT (replacing our files only)")
-
-
-def _loader(ref: str, flag: str) -> Iterable[Any]:
-    data = resolve_callable(ref)
-    if not callable(data):
-        raise PermergeError(f"{flag} {ref!r} is not a function")
-    data = data()
-    if isinstance(data, Iterator):  # a generator would be used up by the first α
-        data = list(data)
-    if not isinstance(data, Iterable):
-        raise PermergeError(f"{flag} {ref!r} returned {type(data).__name__}, not an iterable of (inputs, targets) batches")
-    return data
-
-
-def _metrics(ref: str) -> Any:
-    """The metric set --metrics names (None for auto: it depends on the model), checked before any work."""
-    if ref == "auto":
-        return None
-    if ref in METRIC_SETS:
-        return ref
-    if ":" not in ref:
-        raise PermergeError(f"--metrics {ref!r}: choose {', '.join(METRIC_SETS)}, auto, or package.module:name")
-    return metric_set(resolve_callable(ref))  # checks every direction is stated
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
 
 
 def _table(curves: dict[str, Curve], dataset: str) -> str:
@@ -101,51 +78,51 @@ def _table(curves: dict[str, Curve], dataset: str) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Outcome:
     if args.alphas < 2:
         raise PermergeError(f"--alphas must be at least 2 (the endpoints), got {args.alphas}")
     inputs = {"a": args.a, "b": args.b}
-    prepare_output_dir(args.out, force=args.force, inputs=inputs.values(), create=False)  # fail fast
-    metrics = _metrics(args.metrics)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
-    ref = load_model(args.model, args)
-    a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
-    metrics = metrics or metrics_for(a)
-    data = {"test": _loader(args.test_data, "--test-data")}
-    if args.train_data:
-        data = {"train": _loader(args.train_data, "--train-data"), **data}
-    stats = _loader(args.stats_data, "--stats-data") if args.stats_data else data.get("train", data["test"])
-    times["load models and data"] = time.perf_counter() - t0
-    aligned = None
-    if args.align != "none":
+    metrics = metrics_from(args.metrics)
+    with OutputDir(args.out, force=args.force, inputs=inputs, quiet=args.quiet) as out:
+        times: dict[str, float] = {}
         t0 = time.perf_counter()
-        aligned = align(a, b, ref.inputs, args.align, example_kwargs={**call_kwargs(a), **ref.kwargs}, seed=args.seed,
-                        quiet=args.quiet)  # fmt: skip
-        times["align"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    curves = compare_curves(
-        a, b, data, ref.inputs, align_method=None, aligned=aligned.model if aligned else None, stats_data=stats,
-        bn_batches=args.bn_reset_batches, repair=args.repair, repair_batches=args.repair_batches,
-        alphas=args.alphas, metrics=metrics, seed=args.seed,
-        labels={"bn": "naive+BN reset", "repair": "naive+REPAIR"} if aligned is None else None,
-    )  # fmt: skip
-    times["curves"] = time.perf_counter() - t0
-    plot = f"barrier.{args.plot_format}"
-    files = {
-        "curves.json": text_writer(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1) + "\n"),
-        "curves.csv": text_writer(curves_csv(curves)),
-        plot: lambda p: plot_curves(curves, p, title=f"{args.a} → {args.b}", format=args.plot_format),
-    }
-    report: dict[str, Any] = {"barriers": {k: c.summary() for k, c in curves.items()}, "timing_s": times}
-    if aligned is not None:
-        files["spec.json"] = text_writer(aligned.spec.to_json())
-        report["align"] = aligned.report
-    config = {k: v for k, v in vars(args).items() if k != "run"}
-    write_files(args.out, files, force=args.force, inputs=inputs, command=sys.argv, config=config, report=report)
-    write_report(args.out, title=f"permerge barrier: {args.a} → {args.b}")
+        with phase("loading models and data", quiet=args.quiet):
+            ref = load_model(args.model, args)
+            a, b = load_into(ref.model, args.a, "A"), load_into(ref.model, args.b, "B")
+            metrics = metrics or metrics_for(a)
+            data = {"test": batches_from(args.test_data, "--test-data")}
+            if args.train_data:
+                data = {"train": batches_from(args.train_data, "--train-data"), **data}
+            stats = batches_from(args.stats_data, "--stats-data") if args.stats_data else data.get("train", data["test"])
+        times["load models and data"] = time.perf_counter() - t0
+        aligned = None
+        if args.align != "none":
+            t0 = time.perf_counter()
+            aligned = align(a, b, ref.inputs, args.align, example_kwargs={**call_kwargs(a), **ref.kwargs}, seed=args.seed,
+                            quiet=args.quiet)  # fmt: skip
+            times["align"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with phase("interpolation curves", quiet=args.quiet):
+            curves = compare_curves(
+                a, b, data, ref.inputs, align_method=None, aligned=aligned.model if aligned else None, stats_data=stats,
+                bn_batches=args.bn_reset_batches, repair=args.repair, repair_batches=args.repair_batches,
+                alphas=args.alphas, metrics=metrics, seed=args.seed,
+                labels={"bn": "naive+BN reset", "repair": "naive+REPAIR"} if aligned is None else None,
+            )  # fmt: skip
+        times["curves"] = time.perf_counter() - t0
+        plot = f"barrier.{args.plot_format}"
+        files = {
+            "curves.json": text_writer(json.dumps({k: c.to_dict() for k, c in curves.items()}, indent=1) + "\n"),
+            "curves.csv": text_writer(curves_csv(curves)),
+            plot: lambda p: plot_curves(curves, p, title=f"{args.a} → {args.b}", format=args.plot_format),
+        }
+        report: dict[str, Any] = {"barriers": {k: c.summary() for k, c in curves.items()}, "timing_s": times}
+        if aligned is not None:
+            files["spec.json"] = text_writer(aligned.spec.to_json())
+            report["align"] = aligned.report
+        out.commit(files, command=sys.argv, config=config_of(args), report=report,
+                   view=partial(write_report, title=f"permerge barrier: {args.a} → {args.b}"))  # fmt: skip
     tables = "\n\n".join(f"barriers on {ds}:\n{_table(curves, ds)}" for ds in data)
     definitions = "; ".join(f"{k}: {d.formula} ({d.source})" for k, d in BARRIERS.items())
-    names = ", ".join(sorted([*files, "provenance.json", "report.html"]))
-    sys.stdout.write(f"{tables}\n\n{definitions}\nwrote {names} to {args.out}\n")
-    return 0
+    names = ", ".join(sorted(p.name for p in out.out.iterdir()))
+    return result_outcome("barrier", out.out, f"{tables}\n\n{definitions}\nwrote {names} to {args.out}", report)

@@ -8,12 +8,11 @@ and the fraction of hidden channel axes that can be permuted.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from permerge.cli._common import Outcome
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.errors import PermergeIOError
 from permerge.graph import trace
@@ -26,13 +25,12 @@ HELP = "list the permutation groups of a model"
 EPILOG = """examples:
   permerge inspect resnet20
   permerge inspect mypkg.nets:make_vgg --model-kwargs '{"width": 2}' --input-shape 1,3,32,32
-  permerge inspect ./llama-config-dir --json > spec.json
+  permerge inspect ./llama-config-dir --json > groups.json
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--json", action="store_true", help="print the spec and summary as JSON")
     p.add_argument("--save-spec", metavar="FILE", help="write the spec (editable JSON) to FILE")
     p.add_argument("--strict", action="store_true", help="fail on ops without a rule instead of freezing")
 
@@ -46,7 +44,7 @@ def _checkpoint_keys(ref: ModelRef, path: str) -> Iterable[str]:
     return saved_keys(ref.model) if is_hf_dir(path) else ref.model.state_dict().keys()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Outcome:
     if args.save_spec and not Path(args.save_spec).resolve().parent.is_dir():
         raise PermergeIOError(f"cannot write --save-spec {args.save_spec}: its directory does not exist")
     ref = load_model(args.model, args, meta=True)
@@ -58,10 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.save_spec:
         with atomic_path(args.save_spec) as tmp:
             tmp.write_text(spec.to_json())
-    if args.json:
-        json.dump({"model": ref.description, "permutable_fraction": fraction, **spec.to_dict()}, sys.stdout, indent=1)
-        sys.stdout.write("\n")
-        return 0
+    data = {"command": "inspect", "model": ref.description, "permutable_fraction": fraction, **spec.to_dict()}
     out = [f"{ref.description}: {len(spec.groups)} groups, permutable fraction {fraction:.3f}", ""]
     rows = spec.summary()
     width = max([len(r["name"]) for r in rows] + [5])  # type: ignore[arg-type]
@@ -73,5 +68,4 @@ def run(args: argparse.Namespace) -> int:
         for (reason, boundary), n in sorted(reasons.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             tag = "boundary" if boundary else "hidden"
             out.append(f"  [{tag}] {reason}" + (f"  (×{n})" if n > 1 else ""))
-    sys.stdout.write("\n".join(out) + "\n")
-    return 0
+    return Outcome("\n".join(out), data)

@@ -9,25 +9,45 @@ units of both, within --budget) and pleas (partial merging refitted by layer-wis
 --alpha, --beta and a partial --zip-depth). These write a wider model (same keys, larger shapes) and
 OUT/architecture.json (the width of every group); load it with
 permerge.merge.partial.widen_module(model, state_dict).
+When the models are Hugging Face models (the first checkpoint or --model a directory with
+config.json), OUT is a Hugging Face directory (config, tokenizer, generation config, chat template,
+model card) that from_pretrained loads; widened merges are not (their config would not fit).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import sys
 from pathlib import Path
+from typing import Any
 
-from permerge.cli._checkpoints import data_from, load_checkpoint
+from torch import nn
+
+from permerge.apply import apply_permutation
+from permerge.cli._checkpoints import (
+    add_metrics_argument,
+    batches_from,
+    data_from,
+    hf_home,
+    load_checkpoint,
+    metrics_from,
+)
+from permerge.cli._common import Outcome, config_of, result_outcome
 from permerge.cli._models import add_model_arguments, load_model
 from permerge.errors import PermergeError, PermergeIOError
-from permerge.hf import checkpoint_spec
-from permerge.io.outputs import OutputDir, result_files
+from permerge.evaluate import Curve, interpolation_curve, metrics_for
+from permerge.io.outputs import OutputDir
 from permerge.io.read import file_bytes
 from permerge.io.write import text_writer
-from permerge.merge.combine import METHODS, check_merge_request, merge_models
+from permerge.merge.combine import METHODS, MergeResult, check_merge_request, merge_models
 from permerge.merge.zipit import check_options
+from permerge.progress import phase
 from permerge.report import write_report
+
+LOG = logging.getLogger(__name__)
 
 HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS, ZipIt!)"
 EPILOG = """examples:
@@ -37,6 +57,7 @@ EPILOG = """examples:
   permerge merge --model resnet20 a.pt b.pt --method pleas --budget 1.5 --data mypkg.data:unlabeled -o merged/
   permerge merge --model resnet20 a.pt b.pt --method partial --budget '{"blocks.0.conv1.weight:0": 2}' -o merged/
   permerge merge --model resnet20 a.pt b.pt c.pt --method zipit --zip-depth 0.5 --data mypkg.data:unlabeled -o merged/
+  permerge merge --model llama-a/ llama-a/ llama-b/ --barrier-data mypkg.text:batches -o merged/
 """
 
 
@@ -61,6 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "groups; the rest stay per-model heads (default: zip everything)")  # fmt: skip
     p.add_argument("--max-seconds", type=float, help="pleas: time budget of the least-squares step")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
+    ev = p.add_argument_group("barrier of the merge (two models)")
+    ev.add_argument("--barrier-data", help="package.module:function returning (inputs, targets) batches: measure the "
+                    "barrier along the line between the two (aligned) models")  # fmt: skip
+    add_metrics_argument(ev)
+    ev.add_argument("--alphas", type=int, default=11, help="points on the α grid from 0 to 1 (default 11)")
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -86,7 +112,7 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
     return {"batches": args.batches, "max_seconds": args.max_seconds} if args.method == "pleas" else {}
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> Outcome:
     if len(args.checkpoints) < 2:
         raise PermergeError("merge needs at least two checkpoints")
     weights, budget = _weights(args.weights), _budget(args.budget)
@@ -95,29 +121,65 @@ def run(args: argparse.Namespace) -> int:
     for i, c in enumerate(args.checkpoints):
         if not Path(c).exists():
             raise PermergeIOError(f"checkpoint {i} not found: {c}")
+    metrics = _check_barrier(args)
     inputs = {f"model_{i}": c for i, c in enumerate(args.checkpoints)}
     expected = 2 * max(file_bytes(c) for c in args.checkpoints)  # partial/pleas widen up to 2x
-    with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=expected) as out:
-        ref = load_model(args.model, args)
-        loaded = [load_checkpoint(ref.model, c, f"checkpoint {i}") for i, c in enumerate(args.checkpoints)]
+    hf_dir = hf_home(args.checkpoints[0], args.model)
+    with OutputDir(args.out, force=args.force, inputs=inputs, expected_bytes=expected, quiet=args.quiet) as out:
+        with phase("loading", quiet=args.quiet):
+            ref = load_model(args.model, args)
+            loaded = [load_checkpoint(ref.model, c, f"checkpoint {i}") for i, c in enumerate(args.checkpoints)]
         data = data_from(args.data) if args.method in ("partial", "pleas", "zipit") and args.data else None
-        res = merge_models([m.model for m in loaded], ref.inputs, method=args.method, weights=weights,
-                           example_kwargs=ref.kwargs, seed=args.seed, budget=budget, data=data,
-                           keep_heads=args.keep_heads, options=options, quiet=args.quiet)  # fmt: skip
-        keys = loaded[0]
-        files = result_files({"model": keys.checkpoint_state(res.model.state_dict())},
-                             {f"permutation_{i}": p for i, p in enumerate(res.permutations)},
-                             checkpoint_spec(res.spec, keys.model, keys.keys.values()))  # fmt: skip
+        with phase(f"merging ({args.method})", quiet=args.quiet):
+            res = merge_models([m.model for m in loaded], ref.inputs, method=args.method, weights=weights,
+                               example_kwargs=ref.kwargs, seed=args.seed, budget=budget, data=data,
+                               keep_heads=args.keep_heads, options=options, quiet=args.quiet)  # fmt: skip
+        if res.architecture is not None and hf_dir is not None:
+            LOG.warning("the merged model is wider than %s/config.json describes: written as plain safetensors with "
+                        "architecture.json, not as a Hugging Face directory", hf_dir)  # fmt: skip
+            hf_dir = None
+        perms = {f"permutation_{i}": p for i, p in enumerate(res.permutations)}
+        files, left_out = loaded[0].result_files(res.model.state_dict(), perms, res.spec, hf_dir)
+        report = {**res.report, **({"left_out": left_out} if hf_dir is not None else {})}
         if res.architecture is not None:  # wider than the inputs: record the widths to rebuild it
             files["architecture.json"] = text_writer(json.dumps(res.architecture, indent=1) + "\n")
-        out.commit(files, command=sys.argv, config={k: v for k, v in vars(args).items() if k != "run"}, report=res.report,
-                   view=write_report)  # fmt: skip
+        if args.barrier_data:
+            with phase("barrier", quiet=args.quiet):
+                label, curve = _barrier(args, [m.model for m in loaded], res, metrics)
+            report["barriers"] = {label: curve.summary()}
+            files["curves.json"] = text_writer(json.dumps({label: curve.to_dict()}, indent=1) + "\n")
+        out.commit(files, command=sys.argv, config=config_of(args), report=report, view=write_report)
     what = args.method
     if res.architecture is not None:
         what += f", budget {args.budget}, {res.report['parameters']} parameters"
-    sys.stdout.write(f"merged {len(loaded)} models ({what}); function check: relative error "
-                     f"{res.report['function_preservation_error']:.1e}; wrote {args.out}\n")  # fmt: skip
-    return 0
+    text = (f"merged {len(loaded)} models ({what}); function check: relative error "
+            f"{res.report['function_preservation_error']:.1e}; wrote {args.out}")  # fmt: skip
+    return result_outcome("merge", out.out, text, report)
+
+
+def _check_barrier(args: argparse.Namespace) -> Any:
+    """--barrier-data's requirements (checked before any work); returns the metric set (None: auto)."""
+    if args.barrier_data is None:
+        return None
+    if len(args.checkpoints) != 2 or args.method not in ("weight", "many", "average"):
+        raise PermergeError("--barrier-data measures the line between two models: merge exactly two, by weight, many or average")
+    if args.alphas < 2:
+        raise PermergeError(f"--alphas must be at least 2 (the endpoints), got {args.alphas}")
+    return metrics_from(args.metrics)
+
+
+def _barrier(args: argparse.Namespace, models: list[nn.Module], res: MergeResult, metrics: Any) -> tuple[str, Curve]:
+    """The curve between the two models as merged: each permuted into the merged basis (``average``:
+    as given, the naive line)."""
+    ends = []
+    for model, perm in zip(models, res.permutations or ({}, {})):
+        end = copy.deepcopy(model)
+        if perm:
+            end.load_state_dict(apply_permutation(res.spec, perm, model.state_dict()))
+        ends.append(end)
+    data = {"test": batches_from(args.barrier_data, "--barrier-data")}
+    curve = interpolation_curve(*ends, data, metrics=metrics or metrics_for(ends[0]), alphas=args.alphas)
+    return ("aligned" if res.permutations else "naive"), curve
 
 
 def _budget(text: str) -> float | dict[str, float]:

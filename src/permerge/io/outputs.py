@@ -11,10 +11,12 @@ the new files. Any failure, Ctrl-C or SIGTERM removes the partial directory; the
 half-written.
 
 :func:`hf_files` plans the files of a Hugging Face directory: B's tensors permuted (sharded
-safetensors written tensor by tensor), B's ``config.json``, and an allow-list of non-weight files
-(tokenizer, generation config, chat template, model card, license); everything else, in particular
+safetensors written tensor by tensor) plus :func:`hf_extras`: B's ``config.json``, an allow-list of
+non-weight files (tokenizer, generation config, chat template, license) and a model card rendered
+from the result's provenance (:func:`~permerge.hf.model_card`); everything else, in particular
 other weight formats (``tf_model.h5``, ``flax_model.msgpack``, ``model.onnx``, ``*.gguf``, which
-would still hold B's unpermuted weights), is left out and listed with the reason.
+would still hold B's unpermuted weights), is left out and listed with the reason. Results computed
+in memory (``--model``) get the same :func:`hf_extras` beside their weights.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +40,7 @@ from permerge.errors import PermergeIOError
 from permerge.io.read import SUPPORTED_SUFFIXES, StrPath, TensorSource
 from permerge.io.write import (
     INDEX_NAME,
+    ShardWriter,
     permutation_writer,
     permuted_producer,
     plan_write,
@@ -45,8 +49,8 @@ from permerge.io.write import (
     shard_index,
     text_writer,
     write_provenance,
-    write_shard,
 )
+from permerge.progress import progress
 from permerge.spec import PermutationSpec
 
 try:
@@ -56,18 +60,48 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, outputs ar
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["COPIED_FILES", "OutputDir", "hf_files", "os_error", "write_files", "write_result"]
+__all__ = [
+    "COPIED_FILES",
+    "CARD_NAME",
+    "FromProvenance",
+    "OutputDir",
+    "hf_extras",
+    "hf_files",
+    "os_error",
+    "source_files",
+    "write_files",
+    "write_result",
+]
 
 Writer = Callable[[Path], object]
+
+
+@dataclass(frozen=True)
+class FromProvenance:
+    """A text file rendered from the result's provenance record (a model card): written after
+    ``provenance.json``, before the result is put in place."""
+
+    render: Callable[[Mapping[str, Any]], str]
+
+
+Planned = Writer | FromProvenance
+
+CARD_NAME = "README.md"
 
 COPIED_FILES = frozenset({
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
     "sentencepiece.bpe.model", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
     "processor_config.json", "image_processor_config.json", "feature_extractor_config.json",
-    "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md",
+    "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md",
 })  # fmt: skip
-"""Non-weight files of an HF directory copied to the output (``config.json`` is always written)."""
+"""Non-weight files of an HF directory copied to the output (``config.json`` is always written;
+``README.md`` is replaced by permerge's model card)."""
+
+COPIED_DIRS = frozenset({"additional_chat_templates"})
+"""Directories of an HF directory copied whole (named chat templates, ``transformers`` ≥ 4.54)."""
+
+_REPLACED_CARD = "B's model card, replaced by permerge's (README.md: what was done, inputs and their hashes)"
 
 _FOREIGN_WEIGHTS = {
     ".h5": "TensorFlow weights", ".msgpack": "Flax weights", ".onnx": "an ONNX export", ".gguf": "GGUF weights",
@@ -101,6 +135,7 @@ class OutputDir:
         force: replace an existing non-empty ``out`` (all of it) instead of refusing.
         inputs: input paths ``out`` must not be, contain or lie inside.
         expected_bytes: about how much will be written (checked against free space now).
+        quiet: no progress bars (writing, hashing the inputs for provenance).
 
     Example:
         >>> with OutputDir("merged", force=False, inputs=["a.pt", "b.pt"], expected_bytes=2e9) as od:  # doctest: +SKIP
@@ -108,9 +143,11 @@ class OutputDir:
         ...     od.commit({"model.safetensors": safetensors_writer(result)}, command=sys.argv, config={}, report={})
     """
 
-    def __init__(self, out: StrPath, *, force: bool, inputs: Mapping[str, StrPath], expected_bytes: float = 0) -> None:
+    def __init__(
+        self, out: StrPath, *, force: bool, inputs: Mapping[str, StrPath], expected_bytes: float = 0, quiet: bool = True,
+    ) -> None:  # fmt: skip
         self.out = Path(out)
-        self.force, self.inputs, self.expected_bytes = force, inputs, expected_bytes
+        self.force, self.inputs, self.expected_bytes, self.quiet = force, inputs, expected_bytes, quiet
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
         self._partial: Path | None = None
@@ -194,27 +231,42 @@ class OutputDir:
     # -- write ----------------------------------------------------------------------------
     def commit(
         self,
-        files: Mapping[str, Writer],
+        files: Mapping[str, Planned],
         *,
         command: list[str] | str,
         config: Mapping[str, Any],
         report: Mapping[str, Any],
         view: Callable[[Path], object] | None = None,
     ) -> Path:
-        """Write ``files[name](path)`` for each name, then ``provenance.json``, then put the
-        directory in place of ``out``. Returns ``out``.
+        """Write ``files[name](path)`` for each name, then ``provenance.json``, then the files
+        rendered from it (:class:`FromProvenance`: the model card), then put the directory in place
+        of ``out``. Returns ``out``. Writers with an ``nbytes`` attribute (weights) advance one progress
+        bar over the bytes written.
 
         ``view(out)`` then adds a file rendered from the complete directory (the HTML report), still
         under the lock; the result is complete without it, so its failure is a warning."""
         if self._partial is None:
             raise PermergeIOError("OutputDir.commit outside its with-block")
+        later = {name: w for name, w in files.items() if isinstance(w, FromProvenance)}
         try:
-            for name, writer in files.items():
+            total = sum(getattr(w, "nbytes", 0) for w in files.values())
+            with progress(total=total, desc=f"writing {self.out.name}", unit="B", quiet=self.quiet) as bar:
+                for name, writer in files.items():
+                    if name in later:
+                        continue
+                    path = self._partial / name
+                    if hasattr(writer, "nbytes"):
+                        writer(path, bar.update)  # type: ignore[call-arg]
+                    else:
+                        writer(path)  # type: ignore[operator]
+                    _fsync(path)
+            prov = write_provenance(self._partial, command=command, config=config, inputs=self.inputs, report=report,
+                                    quiet=self.quiet)  # fmt: skip
+            record = json.loads(prov.read_text(encoding="utf-8"))
+            for name, rendered in later.items():
                 path = self._partial / name
-                writer(path)
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-            write_provenance(self._partial, command=command, config=config, inputs=self.inputs, report=report)
+                path.write_text(rendered.render(record), encoding="utf-8")
+                _fsync(path)
             self._swap()
         except OSError as e:
             if isinstance(e, PermergeIOError):
@@ -272,7 +324,7 @@ class OutputDir:
 
 def write_files(
     out: StrPath,
-    files: Mapping[str, Writer],
+    files: Mapping[str, Planned],
     *,
     force: bool,
     inputs: Mapping[str, StrPath],
@@ -326,46 +378,80 @@ def hf_files(
     *,
     out_dtype: torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
-) -> tuple[dict[str, Writer], dict[str, str]]:
+) -> tuple[dict[str, Planned], dict[str, str]]:
     """The files of B (``source``, read from ``model_dir``) permuted by ``perm`` as an HF directory,
     and the files of ``model_dir`` left out, with the reason.
 
     Weights are planned (:func:`~permerge.io.write.plan_write`: per tensor "read K, permute, cast")
     and written shard by shard, tensor by tensor, with ``model.safetensors.index.json`` when
-    sharded; ``config.json`` gets ``dtype`` = ``out_dtype`` when given; :data:`COPIED_FILES` are
-    copied; ``permutation.safetensors`` and ``spec.json`` are added.
+    sharded; then :func:`hf_extras` (``config.json`` with ``dtype`` = ``out_dtype`` when given, the
+    allow-listed files, the model card); ``permutation.safetensors`` and ``spec.json`` are added.
     """
-    model_dir = Path(model_dir)
     shards = plan_write(source, spec, out_dtype=out_dtype, max_shard_size=max_shard_size)
     produce = permuted_producer(source, perm)
-    files: dict[str, Writer] = {s.name: partial(write_shard, shard=s, produce=produce) for s in shards}
+    files: dict[str, Planned] = {s.name: ShardWriter(s, produce) for s in shards}
     if len(shards) > 1:
         files[INDEX_NAME] = text_writer(json.dumps(shard_index(shards), indent=2, sort_keys=True) + "\n")
-    files["config.json"] = text_writer(_config_text(model_dir / "config.json", out_dtype))
-    read_from = {Path(p).name for p in _weight_files(source)}
-    left_out: dict[str, str] = {}
-    for p in sorted(model_dir.iterdir()):
-        if p.name in files or p.name in read_from:
-            continue
-        if p.is_file() and p.name in COPIED_FILES:
-            files[p.name] = partial(_copy, src=p)
-        else:
-            left_out[p.name] = _left_out_reason(p)
+    extras, left_out = hf_extras(model_dir, read=[p.name for p in source_files(source)], out_dtype=out_dtype)
+    files.update(extras)
     files["permutation.safetensors"] = permutation_writer(perm)
     files["spec.json"] = text_writer(spec.to_json())
-    if left_out:
-        LOG.warning("not copied from %s: %s", model_dir, "; ".join(f"{k} ({v})" for k, v in left_out.items()))
     return files, left_out
 
 
-def _weight_files(source: TensorSource) -> Iterable[Path]:
+def hf_extras(
+    model_dir: StrPath,
+    *,
+    read: Iterable[str] = (),
+    out_dtype: torch.dtype | None = None,
+    config: str = "config.json",
+    card: Callable[[Mapping[str, Any]], str] | None = None,
+) -> tuple[dict[str, Planned], dict[str, str]]:
+    """What makes a result's weights a Hugging Face directory like ``model_dir``: its
+    ``config.json`` (or ``config``: an adapter's ``adapter_config.json``; ``dtype`` set to
+    ``out_dtype`` when given), the allow-listed non-weight files
+    (:data:`COPIED_FILES`, :data:`COPIED_DIRS`) and a model card rendered from the provenance record
+    (``card``, default :func:`~permerge.hf.model_card`); and every other entry of ``model_dir``
+    except the weight files ``read``, with the reason it was left out (logged unless it is B's own
+    card, which the new one replaces).
+    """
+    from permerge.hf import model_card
+
+    model_dir = Path(model_dir)
+    files: dict[str, Planned] = {config: text_writer(_config_text(model_dir / config, out_dtype))}
+    files[CARD_NAME] = FromProvenance(card or model_card)
+    skip = set(read) | set(files)
+    left_out: dict[str, str] = {}
+    for p in sorted(model_dir.iterdir()):
+        if p.name in skip and p.name != CARD_NAME:
+            continue
+        if p.is_file() and p.name in COPIED_FILES:
+            files[p.name] = partial(_copy, src=p)
+        elif p.is_dir() and p.name in COPIED_DIRS:
+            files[p.name] = partial(shutil.copytree, p)
+        else:
+            left_out[p.name] = _REPLACED_CARD if p.name == CARD_NAME else _left_out_reason(p)
+    warn = {k: v for k, v in left_out.items() if k != CARD_NAME}
+    if warn:
+        LOG.warning("not copied from %s: %s", model_dir, "; ".join(f"{k} ({v})" for k, v in warn.items()))
+    return files, left_out
+
+
+def source_files(source: TensorSource) -> list[Path]:
     """The files ``source`` reads (the index and its shards, or the single file)."""
     if source.path is None:
-        return ()
+        return []
     if source.path.name.endswith(".index.json"):
         data = json.loads(source.path.read_text(encoding="utf-8"))
-        return [source.path, *(source.path.parent / n for n in set(data["weight_map"].values()))]
+        return [source.path, *(source.path.parent / n for n in sorted(set(data["weight_map"].values())))]
     return [source.path]
+
+
+def _fsync(path: Path) -> None:
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def _left_out_reason(p: Path) -> str:
@@ -376,7 +462,7 @@ def _left_out_reason(p: Path) -> str:
         return f"{_FOREIGN_WEIGHTS[suffix]}: would still hold B's unpermuted weights"
     if suffix in SUPPORTED_SUFFIXES or p.name.endswith(".index.json"):
         return "another copy of B's weights, unpermuted (the permuted ones are written as safetensors)"
-    return "not on the allow-list of non-weight files (tokenizer, generation config, chat template, model card, license)"
+    return "not on the allow-list of non-weight files (tokenizer, generation config, chat template, license)"
 
 
 def _config_text(path: Path, out_dtype: torch.dtype | None) -> str:

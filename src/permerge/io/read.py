@@ -40,6 +40,7 @@ __all__ = [
     "checkpoint_hashes",
     "file_bytes",
     "file_sha256",
+    "hashed_files",
     "load_state_dict",
     "open_checkpoint",
 ]
@@ -342,13 +343,16 @@ def load_state_dict(path: StrPath) -> dict[str, torch.Tensor]:
         return {key: source.get(key) for key in source.keys()}
 
 
-def file_sha256(path: StrPath) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks so any size fits in memory."""
+def file_sha256(path: StrPath, *, progress: Callable[[int], object] | None = None) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks so any size fits in memory; ``progress(n)``
+    is called with each chunk's size (a progress bar's ``update``)."""
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
+                if progress is not None:
+                    progress(len(chunk))
     except OSError as e:
         raise PermergeIOError(f"cannot hash {path}: {e}") from e
     return digest.hexdigest()
@@ -364,15 +368,12 @@ def file_bytes(path: StrPath) -> int:
     return 0
 
 
-def checkpoint_hashes(path: StrPath) -> dict[str, str]:
-    """SHA-256 of a checkpoint: ``{file name: digest}`` for a file, or for every weight and
-    ``.json`` config file at the top level of a directory (hidden files skipped), sorted by name.
-
-    Recorded in provenance so a result can be traced to the exact bytes it came from.
-    """
+def hashed_files(path: StrPath) -> list[Path]:
+    """The files :func:`checkpoint_hashes` reads: the file itself, or every weight and ``.json``
+    config file at the top level of a directory (hidden files skipped), sorted by name."""
     path = Path(path)
     if path.is_file():
-        return {path.name: file_sha256(path)}
+        return [path]
     if not path.is_dir():
         raise PermergeIOError(f"checkpoint not found: {path}")
     files = sorted(
@@ -382,7 +383,16 @@ def checkpoint_hashes(path: StrPath) -> dict[str, str]:
         raise PermergeIOError(
             f"{path} holds no weight or config files to hash (looked for {', '.join(_HASHED_SUFFIXES)})"
         )
-    return {p.name: file_sha256(p) for p in files}
+    return files
+
+
+def checkpoint_hashes(path: StrPath, *, progress: Callable[[int], object] | None = None) -> dict[str, str]:
+    """SHA-256 of a checkpoint: ``{file name: digest}`` for each of :func:`hashed_files`.
+
+    Recorded in provenance so a result can be traced to the exact bytes it came from; ``progress``
+    as for :func:`file_sha256`.
+    """
+    return {p.name: file_sha256(p, progress=progress) for p in hashed_files(path)}
 
 
 def _open_file(path: Path, mmap: bool = True) -> TensorSource:

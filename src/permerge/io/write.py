@@ -37,19 +37,31 @@ from safetensors.torch import save_file
 
 from permerge.apply import permute_tensor
 from permerge.errors import PermergeIOError
-from permerge.io.read import _SAFETENSORS_DTYPES, StrPath, TensorSource, checkpoint_hashes, load_state_dict
+from permerge.io.read import (
+    _SAFETENSORS_DTYPES,
+    StrPath,
+    TensorSource,
+    checkpoint_hashes,
+    hashed_files,
+    load_state_dict,
+)
+from permerge.progress import progress
 from permerge.spec import Axis, PermutationSpec
 
 __all__ = [
     "INDEX_NAME",
     "PROVENANCE_NAME",
     "ShardPlan",
+    "ShardWriter",
+    "TensorsWriter",
     "WriteJob",
     "atomic_path",
     "atomic_write",
     "check_not_input",
     "jsonable",
     "load_permutation",
+    "output_bytes",
+    "package_version",
     "parse_size",
     "permutation_writer",
     "permuted_producer",
@@ -197,25 +209,31 @@ def write_provenance(
     config: Mapping[str, Any],
     inputs: Mapping[str, StrPath],
     report: Mapping[str, Any] | None = None,
+    quiet: bool = True,
 ) -> Path:
     """Write ``out_dir/provenance.json`` (atomically): how, from what, and with which software a result was made.
 
-    It records library versions, platform, a UTC timestamp, the command, ``config`` and ``report``
+    It records library versions, platform, a UTC timestamp, the command and the directory it ran
+    in (``cwd``: ``permerge run provenance.json`` re-runs it there), ``config`` and ``report``
     (converted to JSON: paths and dtypes as strings, tuples and sets as lists, dataclasses as dicts,
     tensors and arrays as lists up to 1024 elements and as shape + dtype beyond) and the SHA-256 of
-    every input file (see :func:`~permerge.io.read.checkpoint_hashes`).
+    every input file (see :func:`~permerge.io.read.checkpoint_hashes`; a progress bar over the bytes
+    hashed unless ``quiet``).
     """
+    files = {name: hashed_files(p) for name, p in inputs.items()}
     LOG.info("hashing %d inputs for provenance", len(inputs))
+    with progress(total=sum(f.stat().st_size for fs in files.values() for f in fs), desc="hashing inputs", unit="B",
+                  quiet=quiet) as bar:  # fmt: skip
+        hashes = {name: checkpoint_hashes(p, progress=bar.update) for name, p in inputs.items()}
     record = {
-        "versions": {name: _version(name) for name in ("permerge", "torch", "numpy", "scipy", "safetensors")}
+        "versions": {name: package_version(name) for name in ("permerge", "torch", "numpy", "scipy", "safetensors")}
         | {"python": platform.python_version(), "cuda": torch.version.cuda},
         "platform": platform.platform(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command if isinstance(command, str) else [str(c) for c in command],
+        "cwd": os.getcwd(),
         "config": jsonable(config, "config"),
-        "inputs": {
-            name: {"path": str(Path(p).resolve()), "sha256": checkpoint_hashes(p)} for name, p in inputs.items()
-        },
+        "inputs": {name: {"path": str(Path(p).resolve()), "sha256": hashes[name]} for name, p in inputs.items()},
         "report": jsonable(report, "report"),
     }
     text = json.dumps(record, indent=2) + "\n"
@@ -228,17 +246,31 @@ def save_permutation(perm: Mapping[str, torch.Tensor], path: StrPath, *, protect
     return save_state_dict(vectors, path, {"permerge": "permutation"}, protect=protect)
 
 
-def safetensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Callable[[Path], None]:
-    """A writer for :func:`atomic_write` / ``write_files``: ``tensors`` as safetensors, tied tensors
-    cloned (see :func:`save_state_dict`), header ``{"format": "pt"}`` plus ``metadata``."""
+@dataclass(frozen=True)
+class TensorsWriter:
+    """Writes ``tensors`` as safetensors (tied tensors cloned, see :func:`save_state_dict`; header
+    ``{"format": "pt"}`` plus ``metadata``). A writer for :func:`atomic_write` and result
+    directories, which read ``nbytes`` for their progress bar."""
 
-    def write(tmp: Path) -> None:
-        save_file(_packable(tensors, tmp), tmp, metadata={"format": "pt", **_check_metadata(metadata or {}, tmp)})
+    tensors: Mapping[str, torch.Tensor]
+    metadata: Mapping[str, str] | None = None
 
-    return write
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def __call__(self, tmp: Path, progress: Callable[[int], object] | None = None) -> None:
+        save_file(_packable(self.tensors, tmp), tmp, metadata={"format": "pt", **_check_metadata(self.metadata or {}, tmp)})
+        if progress is not None:
+            progress(self.nbytes)
 
 
-def permutation_writer(perm: Mapping[str, torch.Tensor]) -> Callable[[Path], None]:
+def safetensors_writer(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> TensorsWriter:
+    """A :class:`TensorsWriter` for ``tensors``."""
+    return TensorsWriter(tensors, metadata)
+
+
+def permutation_writer(perm: Mapping[str, torch.Tensor]) -> TensorsWriter:
     """A writer for a permutation file (int64 index vectors, each checked to be a permutation)."""
     vectors = {name: _check_index_vector(name, p, name).to(torch.int64) for name, p in perm.items()}
     return safetensors_writer(vectors, {"permerge": "permutation"})
@@ -321,7 +353,8 @@ def _samefile(a: Path, b: Path) -> bool:
         return False
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """The installed version of ``dist`` (``"unknown"`` when it is not installed as a package)."""
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -437,6 +470,17 @@ def plan_write(
     return tuple(ShardPlan(name, tuple(jobs)) for name, jobs in zip(names, groups, strict=True))
 
 
+def output_bytes(source: TensorSource, out_dtype: torch.dtype | None = None) -> int:
+    """Bytes of tensor data :func:`plan_write` will write for ``source`` (floating tensors as
+    ``out_dtype`` when given): what an output directory should have room for."""
+    total = 0
+    for k in source.keys():  # noqa: SIM118 (a TensorSource is not iterable)
+        dtype = source.dtype(k)
+        dtype = out_dtype if out_dtype is not None and dtype.is_floating_point else dtype
+        total += math.prod(source.shape(k)) * dtype.itemsize
+    return total
+
+
 def shard_index(shards: tuple[ShardPlan, ...]) -> dict[str, object]:
     """The ``model.safetensors.index.json`` content for ``shards`` (as ``transformers`` writes it)."""
     return {
@@ -464,8 +508,11 @@ def write_shard(
     shard: ShardPlan,
     produce: Callable[[WriteJob], torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    *,
+    progress: Callable[[int], object] | None = None,
 ) -> Path:
-    """Write ``shard`` to ``path`` as safetensors, calling ``produce(job)`` for one tensor at a time.
+    """Write ``shard`` to ``path`` as safetensors, calling ``produce(job)`` for one tensor at a time
+    (and ``progress(nbytes)`` after each).
 
     The header comes from the plan, so nothing is buffered: each tensor is written and dropped before
     the next is produced. The file is what ``safetensors.torch.save_file`` would accept on reading
@@ -497,8 +544,26 @@ def write_shard(
                 )
             f.write(_tensor_bytes(t))
             del t
+            if progress is not None:
+                progress(job.nbytes)
     LOG.debug("wrote %s: %d tensors, %d bytes", path, len(shard.jobs), offset)
     return path
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    """Writes one planned shard tensor by tensor (:func:`write_shard`); a writer for result
+    directories, which read ``nbytes`` for their progress bar."""
+
+    shard: ShardPlan
+    produce: Callable[[WriteJob], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shard.nbytes
+
+    def __call__(self, tmp: Path, progress: Callable[[int], object] | None = None) -> None:
+        write_shard(tmp, self.shard, self.produce, progress=progress)
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

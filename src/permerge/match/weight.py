@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,12 +34,12 @@ from types import MappingProxyType
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from permerge.apply import axis_index, permute_tensor
 from permerge.check import check_compatible
 from permerge.match import lap
 from permerge.permutation import Permutation, check_permutation, identity
+from permerge.progress import DELAY_S, progress
 from permerge.spec import Axis, Group, PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -195,27 +194,35 @@ def coordinate_descent(
     closed_form = getattr(state, "dense", frozenset())  # groups beyond permutations: state.solve(g) (match/symmetry.py)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="permerge-lap") if workers > 1 else None
     try:
-        for sweeps in tqdm(range(1, max_sweeps + 1), desc=desc, disable=quiet or not sys.stderr.isatty()):
+        start = time.perf_counter()
+        for sweeps in range(1, max_sweeps + 1):
             changed = 0
             order = [todo[k] for k in torch.randperm(len(todo), generator=gen).tolist()]
-            for run in _independent_runs(order, state, workers):
-                solving: list[tuple[str, torch.Tensor | None, Future[torch.Tensor] | None]] = []
-                for g in run:  # costs in this thread while the earlier ones' LAPs run
-                    cost = None if g in closed_form else state.matrix(g)
-                    fut = pool.submit(lap.solve, cost, backend=backend) if pool and cost is not None else None
-                    solving.append((g, cost, fut))
-                for g, cost, fut in solving:
-                    if cost is None:
-                        old, new, step = state.solve(g)  # type: ignore[attr-defined]
-                    else:
-                        step = fut.result() if fut else lap.solve(cost, backend=backend)
-                        old, new = _gain(cost, state.perm[g], step)
-                    # Stopping rule: keep the LAP's answer only if it beats the current permutation
-                    # by more than `tol` (relative); ties and float noise keep the old one, so a
-                    # sweep that accepts nothing has converged.
-                    if new > old + tol * abs(old):
-                        state.move(g, step)
-                        changed, objective = changed + 1, objective + new - old
+            # a bar per sweep, over its groups (not over max_sweeps: matching usually converges in a
+            # few sweeps), shown once matching has run for a second
+            with progress(total=len(order), desc=f"{desc}, sweep {sweeps}", unit="group", quiet=quiet, leave=False,
+                          delay=max(0.0, DELAY_S - (time.perf_counter() - start))) as bar:  # fmt: skip
+                for run in _independent_runs(order, state, workers):
+                    solving: list[tuple[str, torch.Tensor | None, Future[torch.Tensor] | None]] = []
+                    for g in run:  # costs in this thread while the earlier ones' LAPs run
+                        cost = None if g in closed_form else state.matrix(g)
+                        fut = pool.submit(lap.solve, cost, backend=backend) if pool and cost is not None else None
+                        solving.append((g, cost, fut))
+                    for g, cost, fut in solving:
+                        if cost is None:
+                            old, new, step = state.solve(g)  # type: ignore[attr-defined]
+                        else:
+                            step = fut.result() if fut else lap.solve(cost, backend=backend)
+                            old, new = _gain(cost, state.perm[g], step)
+                        # Stopping rule: keep the LAP's answer only if it beats the current permutation
+                        # by more than `tol` (relative); ties and float noise keep the old one, so a
+                        # sweep that accepts nothing has converged.
+                        if new > old + tol * abs(old):
+                            state.move(g, step)
+                            changed, objective = changed + 1, objective + new - old
+                    bar.set_postfix(changed=changed, refresh=False)
+                    bar.update(order.index(run[-1]) + 1 - bar.n)  # groups skipped as unchanged count as done
+                bar.update(len(order) - bar.n)
             LOG.info("sweep %d: objective %.6g, %d/%d groups changed", sweeps, objective, changed, len(todo))
             if not changed:
                 converged = True

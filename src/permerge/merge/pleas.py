@@ -50,7 +50,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.batches import take_batches
@@ -61,6 +60,7 @@ from permerge.graph.run import GraphRunner
 from permerge.match.activation import activation_matching, batch_inputs
 from permerge.merge.partial import Budget, PartialMergeResult, partial_merge, resolve_budget
 from permerge.permutation import Permutation
+from permerge.progress import progress
 from permerge.repair import reset_bn_stats
 from permerge.spec import PermutationSpec
 
@@ -308,7 +308,7 @@ def _least_squares(
     start = time.perf_counter()
     complete = True
     with torch.no_grad():
-        for li, (layer, norm, (target, index)) in enumerate(tqdm(todo, desc="PLeaS least squares", disable=quiet)):
+        for li, (layer, norm, (target, index)) in enumerate(progress(todo, desc="PLeaS least squares", quiet=quiet)):
             if (max_layers is not None and li >= max_layers) or (
                 max_seconds is not None and time.perf_counter() - start > max_seconds
             ):

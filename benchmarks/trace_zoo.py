@@ -1,46 +1,36 @@
-"""Permutation coverage and function preservation: permerge's tracer vs. snimu's ``rebasin``.
+"""Tracing coverage over the test zoo: permutable fraction, frozen hidden spaces by kind, function
+preservation; optionally against snimu's ``rebasin``.
 
-Run from the repository root (needs the ``bench`` extra, ``pip install -e .[bench]``)::
+Run from the repository root (the ``test`` extra plus ``pip install --no-deps timm``)::
 
-    python benchmarks/trace_zoo.py [--models mlp,hf_gpt2] [--repeats 3]
+    python benchmarks/trace_zoo.py [--zoo all|base|hf|timm] [--models a,b] [--repeats 1] [--rebasin]
 
-``PERMERGE_BENCH_THREADS`` sets the torch thread count (default 2). Progress and per-model
-errors go to stderr; stdout gets one markdown table with a row per model of the test zoo
-(``tests/zoo.py``) and a totals row. A tool that crashes on a model gets ``error: <type>`` in
-the cells it did not fill, one that runs past ``--timeout`` seconds (default 60) on a model gets
-``timeout``, and the benchmark goes on.
+``PERMERGE_BENCH_THREADS`` sets the torch thread count (default 2). Progress and per-model errors
+go to stderr; stdout gets the tables, which are also written to ``benchmarks/results/`` (with the
+command line). The zoo is ``tests/zoo.py``: hand-written models, tiny Hugging Face configs and
+the timm cross-section of ``tests/timm_zoo.py``, all with random weights.
 
-What is measured, per model:
+Per model:
 
-* **trace / setup time** -- median over ``--repeats`` runs of ``permerge.trace`` and of
-  constructing ``rebasin.PermutationCoordinateDescent`` (which is where rebasin traces the model
-  with torchview and builds its permutations). Before the first model both tools run once on a
-  tiny MLP so one-time costs (imports, export/dispatch caches) are not charged to it.
-* **#groups / #perms** -- permerge's permutation groups; rebasin's distinct ``Permutation``
-  objects left after its ``enforce_identity`` pass (see :func:`rebasin_coverage`).
-* **permutable fraction** -- the same definition for both tools: the number of elements of
-  floating-point state-dict tensors (parameters and buffers) that the tool permutes along at
-  least one axis, divided by the number of elements of all floating-point state-dict tensors.
-  Tied tensors count once per state-dict key. For permerge the permuted tensors are
-  ``spec.keys``; for rebasin they are the ``parameter_b`` of every ``PermutationInfo`` of its
-  permutations (exactly the tensors its ``apply_permutations`` writes; it never touches buffers).
-* **function-preservation error** -- ``max |f(x) - f'(x)| / max |f(x)|`` over the model's output
-  on the zoo input, where ``f'`` is the permuted model; ``FAIL`` marks errors above 1e-4. Both
-  tools are checked on the same *independent* model ``B``: a copy of the zoo model with every
-  floating-point state tensor redrawn (see :func:`independent_copy`), so that norm scales,
-  biases and BatchNorm running statistics are not the constants (1 / 0) of a fresh
-  initialisation, which would hide a tool that forgets to permute them. permerge: the maximum
-  over 3 random permutations of its traced spec (``permerge.check.check_function_preserved``).
-  rebasin: ``PermutationCoordinateDescent(A, B, x).rebasin()`` aligns ``B`` to the zoo model
-  ``A`` and permutes ``B`` in place; rebasin only permutes, so ``B``'s output must not change.
+* **trace (s)** -- median over ``--repeats`` uncached ``permerge.trace`` calls (``cache=False``),
+  after one warm-up trace of a tiny MLP so one-time costs are not charged to the first model.
+* **groups**, **permutable** -- ``spec.permutable_fraction``: the share of hidden channel axes
+  (parameter axes weighted by their tensor's size; model inputs/outputs and token rows excluded)
+  that some group permutes.
+* **fn error** -- ``max |f(x) - f'(x)| / max |f(x)|`` over 3 random permutations of the spec,
+  on a copy whose constant state (BN statistics, norm affines, zero biases) is redrawn
+  (``zoo.randomized``) so a forgotten buffer shows; ``FAIL`` above 1e-4.
+* **frozen hidden** -- the spec's frozen spaces that hold some layer's units, by kind
+  (``permerge.spec.FrozenKind``); their reasons are listed in a second table.
 
-The totals row counts the models whose function each tool preserved (a crash or timeout counts
-as not preserved) and those where permerge's permutable fraction is at least rebasin's (rebasin
-crashing before its permutations exist counts as covering nothing).
+The summary gives the timm cross-section's mean permutable fraction, how many of its models reach
+0.99, and the number of ``rule_error`` spaces over the whole zoo (a rule that raised: a bug).
 
-Hugging Face models are wrapped in :class:`LogitsAdapter` (passes the zoo's forward kwargs
-such as ``use_cache=False`` and returns the logits tensor) for both tools, since rebasin
-cannot pass keyword arguments and torchview expects tensor outputs.
+``--rebasin`` (needs the ``bench`` extra) adds, on the same models, ``rebasin`` 's setup time,
+permutations, the share of floating-point state-dict elements in tensors each tool permutes, and
+the function error of its own alignment of an independent copy (every state tensor redrawn),
+which must not change that copy's function. HF models are wrapped in :class:`LogitsAdapter` for
+both tools there, since rebasin cannot pass keyword arguments.
 """
 
 from __future__ import annotations
@@ -50,48 +40,39 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import collections
 import contextlib
 import copy
 import datetime
 import math
+import shlex
 import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from rebasin import PermutationCoordinateDescent
-from rebasin.modules import ModuleBase
-from rebasin.paths import LinearPath, ParallelPaths, PathSequence
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # this checkout's permerge and its zoo
 
-from zoo import ZOO, ZOO_BY_NAME, ZooModel  # noqa: E402
+from zoo import ZOO, ZOO_BY_NAME, ZooModel, randomized  # noqa: E402
 
 import permerge  # noqa: E402
 from permerge.check import check_function_preserved, output_error  # noqa: E402
+from permerge.spec import FrozenKind, PermutationSpec  # noqa: E402
 
 TOL = 1e-4
 N_PERMUTATIONS = 3
-HEADER = (
-    "model",
-    "#params",
-    "permerge trace (s)",
-    "#groups",
-    "permutable",
-    "fn error",
-    "rebasin setup (s)",
-    "#perms",
-    "permutable",
-    "fn error",
-)
+TARGET = 0.99
+PARTS = {"base": lambda z: not z.hf and not z.name.startswith("timm/"), "hf": lambda z: z.hf,
+         "timm": lambda z: z.name.startswith("timm/"), "all": lambda z: True}  # fmt: skip
 T = TypeVar("T")
 
 
@@ -113,9 +94,10 @@ class ToolResult:
 
     seconds: float | None = None
     count: int | None = None
-    fraction: float | None = None
+    fraction: float | None = None  # permerge: hidden axes; rebasin mode: state-dict elements
     error: float | None = None
     crash: str | None = None
+    frozen: list[tuple[FrozenKind, int, str]] = field(default_factory=list)  # permerge only
 
     @property
     def preserved(self) -> bool:
@@ -127,56 +109,7 @@ class Row:
     name: str
     params: int
     permerge: ToolResult
-    rebasin: ToolResult
-
-
-def build(entry: ZooModel) -> tuple[nn.Module, tuple[Any, ...]]:
-    """The zoo model (HF ones behind :class:`LogitsAdapter`) in eval mode and its inputs."""
-    model = entry.build()
-    if entry.hf:
-        model = LogitsAdapter(model, entry.input_kwargs).eval()
-    return model, entry.inputs()
-
-
-@torch.no_grad()
-def independent_copy(model: nn.Module, seed: int) -> nn.Module:
-    """A deep copy with every floating-point state tensor redrawn from a seeded generator.
-
-    Positive tensors (norm scales, running variances) are multiplied by ``exp(N(0, 0.5))``,
-    which keeps them positive; other tensors with spread are redrawn as Gaussians with their own
-    mean and std; constant ones (zero biases and running means) get ``N(0, 0.1)`` added.
-    """
-    copied = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
-    for t in copied.state_dict().values():
-        if not t.is_floating_point() or t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
-        if t.numel() and t.min() > 0:
-            t.mul_(torch.exp(0.5 * noise))
-        elif t.numel() > 1 and t.std() > 0:
-            t.copy_(t.mean() + t.std() * noise)
-        else:
-            t.add_(0.1 * noise)
-    return copied
-
-
-def outputs(model: nn.Module, inputs: tuple[Any, ...]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [model(*inputs).detach().float()]
-
-
-def floating_elements(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> int:
-    """Elements of the floating-point tensors of ``state`` (only those named in ``keys``, if given)."""
-    wanted = set(state) if keys is None else set(keys)
-    return sum(v.numel() for k, v in state.items() if k in wanted and v.is_floating_point())
-
-
-def permutable_fraction(model: nn.Module, keys: Iterable[str]) -> float:
-    state = model.state_dict()
-    return floating_elements(state, keys) / floating_elements(state)
+    rebasin: ToolResult | None = None
 
 
 def timed(fn: Callable[[], T], repeats: int) -> tuple[T, float]:
@@ -215,37 +148,75 @@ def crashed(name: str, tool: str, exc: Exception, result: ToolResult) -> ToolRes
     return result
 
 
-def run_permerge(
-    name: str, model: nn.Module, other: nn.Module, inputs: tuple[Any, ...], repeats: int, limit: int
-) -> ToolResult:
-    """Trace ``model``; check that random permutations of the spec preserve ``other``'s function."""
+def hidden_frozen(spec: PermutationSpec) -> list[tuple[FrozenKind, int, str]]:
+    """(kind, size, reason without the node it was found at) of each frozen hidden space."""
+    return [(f.kind, f.size, f.reason.split(" at node ")[0]) for f in spec.frozen if not f.boundary]
+
+
+def run_permerge(entry: ZooModel, model: nn.Module, inputs: tuple[Any, ...], repeats: int, limit: int) -> ToolResult:
+    """Trace ``model`` uncached; check random permutations of the spec on a redrawn copy."""
     result = ToolResult()
+    kwargs = entry.input_kwargs
     try:
         with time_limit(limit):
-            spec, result.seconds = timed(lambda: permerge.trace(model, inputs), repeats)
+            spec, result.seconds = timed(
+                lambda: permerge.trace(model, inputs, example_kwargs=kwargs, cache=False), repeats
+            )
             result.count = len(spec.groups)
-            result.fraction = permutable_fraction(model, spec.keys)
+            result.fraction = spec.permutable_fraction(model.state_dict())
+            result.frozen = hidden_frozen(spec)
             result.error = max(
                 check_function_preserved(
-                    other, spec, inputs, permerge.random_permutation(spec, seed), tol=math.inf
+                    randomized(model, seed), spec, inputs, permerge.random_permutation(spec, seed),
+                    example_kwargs=kwargs, tol=math.inf,
                 ).relative_error
                 for seed in range(N_PERMUTATIONS)
-            )
+            )  # fmt: skip
     except Exception as exc:
-        return crashed(name, "permerge", exc, result)
+        return crashed(entry.name, "permerge", exc, result)
     return result
 
 
-def rebasin_modules(path: LinearPath | ParallelPaths | PathSequence) -> Iterator[ModuleBase]:
-    """The permutable modules of rebasin's model graph, each once."""
-    if isinstance(path, LinearPath):
-        yield from path.modules
-    else:
-        for sub in path.paths:
-            yield from rebasin_modules(sub)
+# -- rebasin (``--rebasin``) ------------------------------------------------------------------
 
 
-def rebasin_coverage(pcd: PermutationCoordinateDescent, model_b: nn.Module) -> tuple[int, set[str]]:
+@torch.no_grad()
+def independent_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy with every floating-point state tensor redrawn from a seeded generator.
+
+    Positive tensors (norm scales, running variances) are multiplied by ``exp(N(0, 0.5))``,
+    which keeps them positive; other tensors with spread are redrawn as Gaussians with their own
+    mean and std; constant ones (zero biases and running means) get ``N(0, 0.1)`` added.
+    """
+    copied = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    seen: set[int] = set()
+    for t in copied.state_dict().values():
+        if not t.is_floating_point() or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+        if t.numel() and t.min() > 0:
+            t.mul_(torch.exp(0.5 * noise))
+        elif t.numel() > 1 and t.std() > 0:
+            t.copy_(t.mean() + t.std() * noise)
+        else:
+            t.add_(0.1 * noise)
+    return copied
+
+
+def floating_elements(state: Mapping[str, torch.Tensor], keys: Iterable[str] | None = None) -> int:
+    """Elements of the floating-point tensors of ``state`` (only those named in ``keys``, if given)."""
+    wanted = set(state) if keys is None else set(keys)
+    return sum(v.numel() for k, v in state.items() if k in wanted and v.is_floating_point())
+
+
+def element_fraction(model: nn.Module, keys: Iterable[str]) -> float:
+    state = model.state_dict()
+    return floating_elements(state, keys) / floating_elements(state)
+
+
+def rebasin_coverage(pcd: Any, model_b: nn.Module) -> tuple[int, set[str]]:
     """The number of rebasin's permutations and the state-dict keys of the tensors they permute.
 
     Read per module rather than from ``pcd.pinit.model_graph.permutation_to_info``: that property
@@ -254,9 +225,18 @@ def rebasin_coverage(pcd: PermutationCoordinateDescent, model_b: nn.Module) -> t
     holds 2.5e8 entries for 756 distinct ones. PCD iterates over that property and deep-copies
     every entry, which is why it times out on the HF transformers.
     """
+    from rebasin.paths import LinearPath
+
+    def modules(path: Any) -> Iterator[Any]:
+        if isinstance(path, LinearPath):
+            yield from path.modules
+        else:
+            for sub in path.paths:
+                yield from modules(sub)
+
     perms: set[int] = set()
     params: set[int] = set()
-    for module in rebasin_modules(pcd.pinit.model_graph):
+    for module in modules(pcd.pinit.model_graph):
         for perm, infos in module.permutation_to_info:
             perms.add(id(perm))
             params.update(id(info.parameter_b) for info in infos)
@@ -264,97 +244,171 @@ def rebasin_coverage(pcd: PermutationCoordinateDescent, model_b: nn.Module) -> t
     return len(perms), keys
 
 
-def run_rebasin(
-    name: str, model: nn.Module, other: nn.Module, inputs: tuple[Any, ...], repeats: int, limit: int
-) -> ToolResult:
-    """Build rebasin's PCD aligning ``other`` to ``model``, run it, and compare ``other``'s outputs."""
+def run_rebasin(name: str, model: nn.Module, inputs: tuple[Any, ...], repeats: int, limit: int) -> ToolResult:
+    """Build rebasin's PCD aligning an independent copy to ``model``, run it, compare the copy's outputs."""
+    from rebasin import PermutationCoordinateDescent
+
     result = ToolResult()
+    other = independent_copy(model, seed=1)
     data = inputs[0] if len(inputs) == 1 else list(inputs)
+
+    def outputs() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [other(*inputs).detach().float()]
+
     try:
         with time_limit(limit):
-            before = outputs(other, inputs)
+            before = outputs()
             pcd, result.seconds = timed(lambda: PermutationCoordinateDescent(model, other, data), repeats)
             result.count, keys = rebasin_coverage(pcd, other)
-            result.fraction = permutable_fraction(other, keys)
+            result.fraction = element_fraction(other, keys)
             torch.manual_seed(0)  # PCD visits permutations in torch.randperm order
             pcd.rebasin()
-            result.error = output_error(before, outputs(other, inputs))[1]
+            result.error = output_error(before, outputs())[1]
     except Exception as exc:
         return crashed(name, "rebasin", exc, result)
     return result
 
 
-def measure(entry: ZooModel, repeats: int, limit: int) -> Row:
-    model, inputs = build(entry)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"[{entry.name}] permerge", file=sys.stderr)
-    ours = run_permerge(entry.name, model, independent_copy(model, seed=1), inputs, repeats, limit)
-    print(f"[{entry.name}] rebasin", file=sys.stderr)
-    theirs = run_rebasin(entry.name, model, independent_copy(model, seed=1), inputs, repeats, limit)
-    return Row(entry.name, params, ours, theirs)
+# -- tables -------------------------------------------------------------------------------------
 
 
-def warm_up() -> None:
-    """Run both tools once on a tiny MLP so one-time costs are not charged to the first model."""
+def measure(entry: ZooModel, repeats: int, limit: int, rebasin: bool) -> Row:
+    model, inputs = entry.build(), entry.inputs()
+    print(f"[{entry.name}]", file=sys.stderr)
+    row = Row(entry.name, sum(p.numel() for p in model.parameters()), run_permerge(entry, model, inputs, repeats, limit))
+    if rebasin:
+        wrapped = LogitsAdapter(model, entry.input_kwargs).eval() if entry.hf else model
+        row.rebasin = run_rebasin(entry.name, wrapped, inputs, repeats, limit)
+        row.permerge.fraction = element_fraction(model, permerge.trace(model, inputs, example_kwargs=entry.input_kwargs).keys)
+    return row
+
+
+def value(r: ToolResult, v: float | int | None, fmt: str) -> str:
+    return format(v, fmt) if v is not None else (r.crash or "")
+
+
+def error_cell(r: ToolResult) -> str:
+    return value(r, r.error, ".1e") + (" FAIL" if r.error is not None and r.error > TOL else "")
+
+
+def kinds_cell(r: ToolResult) -> str:
+    counts = collections.Counter(k.value for k, _, _ in r.frozen)
+    return ", ".join(f"{k} ×{n}" for k, n in sorted(counts.items())) or ("—" if r.crash is None else r.crash)
+
+
+def coverage_table(rows: list[Row]) -> list[str]:
+    head = ("model", "#params", "trace (s)", "#groups", "permutable", "fn error", "frozen hidden spaces")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        r = row.permerge
+        lines.append("| " + " | ".join([
+            row.name, f"{row.params:,}", value(r, r.seconds, ".2f"), value(r, r.count, "d"),
+            value(r, r.fraction, ".3f"), error_cell(r), kinds_cell(r),
+        ]) + " |")  # fmt: skip
+    return lines
+
+
+def reasons_table(rows: list[Row]) -> list[str]:
+    lines = ["| model | kind | spaces (sizes) | reason |", "|---|---|---|---|"]
+    for row in rows:
+        grouped: dict[tuple[str, str], list[int]] = {}
+        for kind, size, reason in row.permerge.frozen:
+            grouped.setdefault((kind.value, reason), []).append(size)
+        for (kind, reason), sizes in grouped.items():
+            lines.append(f"| {row.name} | {kind} | {len(sizes)} ({', '.join(map(str, sorted(set(sizes))))}) | {reason} |")
+    return lines
+
+
+def summary(rows: list[Row]) -> list[str]:
+    def line(label: str, part: list[Row]) -> str:
+        fr = [r.permerge.fraction for r in part if r.permerge.fraction is not None]
+        if not fr:
+            return f"- {label}: no model traced"
+        return (f"- {label} ({len(part)} models): mean permutable fraction **{statistics.fmean(fr):.3f}**, "
+                f"**{sum(f >= TARGET for f in fr)}/{len(part)}** at ≥ {TARGET}, min {min(fr):.3f}; "
+                f"function preserved on {sum(r.permerge.preserved for r in part)}/{len(part)}")  # fmt: skip
+
+    timm = [r for r in rows if r.name.startswith("timm/")]
+    out = [line("timm cross-section", timm)] if timm else []
+    out.append(line("whole run", rows))
+    kinds = collections.Counter(k for r in rows for k, _, _ in r.permerge.frozen)
+    crashes = [r.name for r in rows if r.permerge.crash]
+    out.append(f"- frozen hidden spaces by kind over the run: "
+               f"{', '.join(f'{k.value} ×{n}' for k, n in sorted(kinds.items(), key=lambda kv: kv[0].value)) or 'none'}; "
+               f"`rule_error` ×{kinds[FrozenKind.RULE_ERROR]}, `no_rule` ×{kinds[FrozenKind.NO_RULE]}; "
+               f"permerge crashed on {len(crashes)} {crashes if crashes else ''}")  # fmt: skip
+    return out
+
+
+def rebasin_table(rows: list[Row]) -> list[str]:
+    head = ("model", "permerge groups", "permutable (elements)", "fn error", "rebasin setup (s)", "#perms",
+            "permutable (elements)", "fn error")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        p, r = row.permerge, row.rebasin
+        assert r is not None
+        lines.append("| " + " | ".join([
+            row.name, value(p, p.count, "d"), value(p, p.fraction, ".3f"), error_cell(p),
+            value(r, r.seconds, ".3f"), value(r, r.count, "d"), value(r, r.fraction, ".3f"), error_cell(r),
+        ]) + " |")  # fmt: skip
+    n = len(rows)
+    covered = sum(r.permerge.fraction is not None and r.permerge.fraction >= (r.rebasin.fraction or 0.0) for r in rows)  # type: ignore[union-attr]
+    lines.append(f"| **total ({n})** | | ≥ rebasin's on {covered}/{n} | preserved on {sum(r.permerge.preserved for r in rows)}/{n} "
+                 f"| | | | preserved on {sum(r.rebasin.preserved for r in rows)}/{n} |")  # type: ignore[union-attr]
+    return lines
+
+
+def warm_up(rebasin: bool) -> None:
+    """Run the tools once on a tiny MLP so one-time costs are not charged to the first model."""
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     x = torch.randn(3, 4)
-    permerge.trace(mlp, (x,))
-    PermutationCoordinateDescent(mlp, independent_copy(mlp, seed=1), x).rebasin()
+    permerge.trace(mlp, (x,), cache=False)
+    if rebasin:
+        from rebasin import PermutationCoordinateDescent
 
-
-def cells(r: ToolResult) -> list[str]:
-    def value(v: float | int | None, fmt: str) -> str:
-        return format(v, fmt) if v is not None else (r.crash or "")
-
-    error = value(r.error, ".1e") + (" FAIL" if r.error is not None and r.error > TOL else "")
-    return [value(r.seconds, ".3f"), value(r.count, "d"), value(r.fraction, ".3f"), error]
-
-
-def table(rows: list[Row], threads: int) -> str:
-    lines = [
-        f"threads: {threads} · torch {torch.__version__} · rebasin {version('rebasin')} · "
-        f"{datetime.date.today().isoformat()}",
-        "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "---|" * len(HEADER),
-    ]
-    lines += [
-        "| " + " | ".join([r.name, f"{r.params:,}", *cells(r.permerge), *cells(r.rebasin)]) + " |"
-        for r in rows
-    ]
-    n = len(rows)
-    covered = sum(
-        r.permerge.fraction is not None and r.permerge.fraction >= (r.rebasin.fraction or 0.0) for r in rows
-    )
-    total = [""] * len(HEADER)
-    total[0] = f"**total ({n})**"
-    total[4] = f"≥ rebasin's on {covered}/{n}"
-    total[5] = f"preserved on {sum(r.permerge.preserved for r in rows)}/{n}"
-    total[9] = f"preserved on {sum(r.rebasin.preserved for r in rows)}/{n}"
-    lines.append("| " + " | ".join(total) + " |")
-    return "\n".join(lines)
+        PermutationCoordinateDescent(mlp, independent_copy(mlp, seed=1), x).rebasin()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", help="comma-separated zoo names (default: the whole zoo)")
-    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (median is reported)")
-    parser.add_argument("--timeout", type=int, default=60, help="seconds per tool and model")
+    parser.add_argument("--zoo", choices=sorted(PARTS), default=None,
+                        help="which part of the zoo (default: all; base with --rebasin)")  # fmt: skip
+    parser.add_argument("--models", help="comma-separated zoo names (overrides --zoo)")
+    parser.add_argument("--repeats", type=int, default=1, help="timing repeats (median is reported)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per tool and model")
+    parser.add_argument("--rebasin", action="store_true", help="compare with snimu's rebasin (bench extra)")
+    parser.add_argument("--out", type=Path, help="results file (default: benchmarks/results/trace_zoo[_rebasin].md)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.timeout < 1:
         parser.error("--repeats and --timeout must be at least 1")
-    names = args.models.split(",") if args.models else [e.name for e in ZOO]
+    part = args.zoo or ("base" if args.rebasin else "all")
+    names = args.models.split(",") if args.models else [z.name for z in ZOO if PARTS[part](z)]
     unknown = [m for m in names if m not in ZOO_BY_NAME]
     if unknown:
         parser.error(f"unknown models {unknown}; the zoo has {sorted(ZOO_BY_NAME)}")
 
     threads = int(os.environ.get("PERMERGE_BENCH_THREADS", 2))
     torch.set_num_threads(threads)
-
-    warm_up()
-    rows = [measure(ZOO_BY_NAME[m], args.repeats, args.timeout) for m in names]
-    print(table(rows, threads))
+    warm_up(args.rebasin)
+    wall = time.perf_counter()
+    rows = [measure(ZOO_BY_NAME[m], args.repeats, args.timeout, args.rebasin) for m in names]
+    env = (f"threads: {threads} · torch {torch.__version__} · timm {version('timm')} · "
+           f"transformers {version('transformers')}"
+           + (f" · rebasin {version('rebasin')}" if args.rebasin else "")
+           + f" · {datetime.date.today().isoformat()} · wall {time.perf_counter() - wall:.0f} s")  # fmt: skip
+    if args.rebasin:
+        text = "\n".join([env, "", *rebasin_table(rows)])
+    else:
+        text = "\n".join([env, "", *summary(rows), "", *coverage_table(rows), "", "Frozen hidden spaces:", "",
+                          *reasons_table(rows)])  # fmt: skip
+    print(text)
+    out = args.out or ROOT / "benchmarks" / "results" / ("trace_zoo_rebasin.md" if args.rebasin else "trace_zoo.md")
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/trace_zoo.py", *(argv if argv is not None else sys.argv[1:])])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# Tracing coverage over the zoo\n\nCommand: `{command}`\n\n{text}\n")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: the zoo on sys.path and a per-session cache of traced zoo models."""
+"""Shared fixtures: the zoo on sys.path, its entries as test parameters, a per-session trace cache."""
 
 from __future__ import annotations
 
@@ -12,18 +12,32 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: no sp
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import pytest  # noqa: E402
-from zoo import ZOO_BY_NAME  # noqa: E402
+from zoo import ZOO, ZOO_BY_NAME  # noqa: E402
 
 import permerge  # noqa: E402
+from permerge.spec import PermutationSpec  # noqa: E402
+
+_SPECS: dict[str, PermutationSpec] = {}
 
 
-@functools.cache
-def traced(name: str):
-    """(model, inputs, kwargs, spec) for a zoo entry, traced once per session."""
+def zoo_params() -> list:
+    """Every zoo entry's name as a test parameter, marked ``slow`` where the entry is."""
+    return [pytest.param(z.name, marks=pytest.mark.slow) if z.slow else z.name for z in ZOO]
+
+
+@functools.lru_cache(maxsize=4)  # the zoo's larger models are rebuilt rather than all kept alive
+def _built(name: str):
     z = ZOO_BY_NAME[name]
-    model, inputs = z.build(), z.inputs()
-    spec = permerge.trace(model, inputs, example_kwargs=z.input_kwargs)
-    return model, inputs, z.input_kwargs, spec
+    return z.build(), z.inputs()
+
+
+def traced(name: str):
+    """(model, inputs, kwargs, spec) for a zoo entry; the spec is traced once per session."""
+    z = ZOO_BY_NAME[name]
+    model, inputs = _built(name)
+    if name not in _SPECS:
+        _SPECS[name] = permerge.trace(model, inputs, example_kwargs=z.input_kwargs)
+    return model, inputs, z.input_kwargs, _SPECS[name]
 
 
 @pytest.fixture(scope="session")

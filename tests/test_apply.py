@@ -2,47 +2,44 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import traced
+from conftest import traced, zoo_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zoo import ZOO
+from zoo import ZOO_BY_NAME, randomized
 
 import permerge as pm
 from permerge.check import check_function_preserved
 from permerge.errors import FunctionNotPreservedError, SpecError
+from permerge.spec import FrozenKind
 
-NAMES = [z.name for z in ZOO]
 
-
-@pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.parametrize("name", zoo_params())
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_permutation_preserves_outputs(name, seed):
+    """On a copy whose norm statistics, affines and zero biases are redrawn (a forgotten buffer
+    would show), a random permutation changes no output by more than 1e-4 relative."""
     model, inputs, kwargs, spec = traced(name)
+    model = randomized(model, seed)
     perm = pm.random_permutation(spec, seed)
-    permuted = copy.deepcopy(model)
-    permuted.load_state_dict(pm.apply_permutation(spec, perm, model.state_dict()))
-    with torch.no_grad():
-        a, b = model(*inputs, **kwargs), permuted(*inputs, **kwargs)
-    a = a if isinstance(a, torch.Tensor) else a[0]
-    b = b if isinstance(b, torch.Tensor) else b[0]
-    scale = a.abs().max().item()
-    assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0)
+    report = check_function_preserved(model, spec, inputs, perm, example_kwargs=kwargs, tol=1e-4)
+    assert report.relative_error <= 1e-4
     # the permutation really moved weights (the test would be vacuous otherwise)
     if any(len(p) > 1 and not torch.equal(p, torch.arange(len(p))) for p in perm.values()):
-        sd, sd2 = model.state_dict(), permuted.state_dict()
-        assert any(not torch.equal(sd[k], sd2[k]) for k in spec.keys)
+        sd = model.state_dict()
+        moved = pm.apply_permutation(spec, perm, sd)
+        assert any(not torch.equal(sd[k], moved[k]) for k in spec.keys)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_permutable_fraction_floor(name):
+@pytest.mark.parametrize("name", zoo_params())
+def test_permutable_fraction_floor_and_no_rule_errors(name):
+    """Each model keeps at least its floor of hidden axes permutable, and no rule raised on it
+    (a rule that raises is a bug: its spaces would be frozen as RULE_ERROR)."""
     model, _, _, spec = traced(name)
-    floor = next(z for z in ZOO if z.name == name).min_permutable_fraction
-    assert spec.permutable_fraction(model.state_dict()) >= floor - 1e-9
+    assert spec.permutable_fraction(model.state_dict()) >= ZOO_BY_NAME[name].min_permutable_fraction - 1e-9
+    assert [f.reason for f in spec.frozen if f.kind is FrozenKind.RULE_ERROR] == []
 
 
 def test_apply_is_pure_and_keeps_keys():

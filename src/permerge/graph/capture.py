@@ -4,6 +4,11 @@ We use ``torch.export.export(..., strict=False)`` rather than ``torch.fx.symboli
 fails on every Hugging Face model tried (Python control flow on proxies), while non-strict export
 runs the real Python code and records an ATen graph with ~30 op types, in which parameters and
 buffers appear as placeholders named by their state-dict keys (tied weights appear once).
+
+Where the graph holds composite ops that no rule covers but that ATen decomposes into core ops
+(``pixel_shuffle`` into view/permute, ``glu`` into slices and a product), the program is
+decomposed once, with a table restricted to those ops: every op that has a rule (norms, linear,
+conv, attention, …) stays intact, and graphs without such ops pay nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from permerge.batches import call_kwargs
 from permerge.errors import TraceError
+from permerge.graph.rules import RULES, rule_for
 from permerge.graph.spaces import Why
 from permerge.spec import FrozenKind
 
@@ -80,7 +86,9 @@ class Captured:
 
     program: Program
     params: Mapping[str, str]  # placeholder name → state-dict key (parameters, persistent buffers)
-    frozen_inputs: Mapping[str, Why]  # placeholder name → why it cannot move (constants, inputs)
+    # placeholder → why it cannot move: one reason, or one per axis (None: an axis along which
+    # the tensor holds one value, which no permutation changes)
+    frozen_inputs: Mapping[str, Why | list[Why | None]]
     aliases: Mapping[str, tuple[str, ...]]  # state-dict key → every key sharing its tensor
     state_keys: tuple[str, ...]  # state-dict order, for deterministic naming
 
@@ -139,6 +147,46 @@ def _with_training_flags_restored(model: nn.Module, fn: Any, train: bool) -> Any
             m.training = t
 
 
+def _uniform_axes(value: Any) -> list[bool]:
+    """Per axis of a tensor outside the state dict: does it hold one value along that axis?
+
+    Such an axis (EVA's zero ``k_bias``, a blur filter repeated per channel) is unchanged by any
+    permutation, so it constrains nothing. Values on the meta device are unknown: not uniform.
+    """
+    if not isinstance(value, torch.Tensor):
+        return []
+    if value.is_meta or value.numel() == 0:
+        return [False] * value.dim()
+    return [torch.equal(value, value.narrow(k, 0, 1).expand_as(value)) for k in range(value.dim())]
+
+
+def _reads_floats(node: fx.Node) -> bool:
+    vals = [a.meta.get("val") for a in node.all_input_nodes]
+    return any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals)
+
+
+def _decomposed(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` with its rule-less, non-core ops decomposed (or ``ep`` itself if it has none)."""
+    from torch._decomp import decomposition_table
+
+    table = {
+        n.target: decomposition_table[n.target]
+        for n in ep.graph.nodes
+        if n.op == "call_function"
+        and n.target in decomposition_table
+        and torch.Tag.core not in n.target.tags
+        and rule_for(n.target, RULES) is None
+        and _reads_floats(n)  # channels live in floating-point values, not in masks or indices
+    }
+    if not table:
+        return ep
+    try:
+        return ep.run_decompositions(table)
+    except Exception as e:  # the undecomposed graph is still correct: its rule-less ops freeze
+        LOG.info("could not decompose %s: %s: %s", sorted(map(str, table)), type(e).__name__, _first_line(e))
+        return ep
+
+
 def capture(
     model: nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None, *, train: bool = False
 ) -> Captured:
@@ -162,9 +210,9 @@ def capture(
                 "spec via --spec), or register a rule for the op."
             ) from e
 
-    ep = _with_training_flags_restored(model, run, train)
+    ep = _decomposed(_with_training_flags_restored(model, run, train))
     params: dict[str, str] = {}
-    frozen: dict[str, Why] = {}
+    frozen: dict[str, Why | list[Why | None]] = {}
     inputs: list[tuple[str, str | None]] = []
     placeholders = [n for n in ep.graph.nodes if n.op == "placeholder"]
     specs = ep.graph_signature.input_specs
@@ -175,14 +223,14 @@ def capture(
         if spec.kind == InputKind.PARAMETER or (spec.kind == InputKind.BUFFER and spec.persistent):
             params[name] = spec.target
             inputs.append((STATE, spec.target))
-        elif spec.kind == InputKind.BUFFER:
-            frozen[name] = Why(FrozenKind.UNSUPPORTED, f"non-persistent buffer {spec.target} (not in the state dict)")
-            inputs.append((CONSTANT, spec.target))
         elif spec.kind == InputKind.USER_INPUT:
             frozen[name] = Why(FrozenKind.MODEL_INPUT, f"model input {name!r}")
             inputs.append((USER, None))
-        elif spec.kind == InputKind.CONSTANT_TENSOR:
-            frozen[name] = Why(FrozenKind.UNSUPPORTED, f"constant {spec.target}")
+        elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            what = "non-persistent buffer" if spec.kind == InputKind.BUFFER else "constant tensor"
+            why = Why(FrozenKind.UNSUPPORTED, f"fixed values along this axis: {what} {spec.target}, not in the state dict, cannot be permuted")
+            axes = _uniform_axes(ep.constants.get(spec.target))
+            frozen[name] = [None if u else why for u in axes] if axes else why
             inputs.append((CONSTANT, spec.target))
         else:
             raise TraceError(f"the exported graph of {type(model).__name__} takes a {spec.kind.name} input, "

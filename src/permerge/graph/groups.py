@@ -66,7 +66,8 @@ def _name(ax: Axis, part: int, nparts: int) -> str:
 def build_spec(
     prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_keys: tuple[str, ...]
 ) -> tuple[PermutationSpec, dict[str, int]]:
-    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches.
+    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches;
+    frozen ones are reported where they are boundaries or hold units (see :func:`_hidden`).
 
     Returns the spec and each group's space (root id), used to find its activation sites.
     """
@@ -76,12 +77,15 @@ def build_spec(
     refrozen: set[int] = set()
     while True:  # each pass freezes one more free space that fits no Axis, so it ends
         members: dict[int, list[tuple[Axis, int, int]]] = {}
+        units: set[int] = set()  # atomic spaces that are part of some layer's units
         misfit: int | None = None
         for key in canon:
             for dim, s in enumerate(prop.param_dims[key]):
                 n = sp.size[sp.find(s)]
                 pieces = list(parts(sp, s, torch.arange(n).view(1, n, 1)))
                 role = CONSUMER if (key, dim) in prop.consumer_axes else PRODUCER
+                if sp.find(s) in sp.units:
+                    units.update(root for root, _ in pieces)
                 for i, (root, pos) in enumerate(pieces):
                     for alias in aliases.get(key, (key,)):
                         ax = fit(alias, dim, pos)
@@ -113,9 +117,15 @@ def build_spec(
             taken.add(name)
             groups.append(Group(name, size, axes))
             roots[name] = root
-        elif reason is not None and reason.kind is not FrozenKind.NON_CHANNEL and size > 1:
+        elif reason is not None and size > 1 and _hidden(reason.kind, root in units):
             frozen.append(Frozen(size, reason.text, axes, reason.kind))
     return PermutationSpec(tuple(groups), tuple(frozen)), roots
+
+
+def _hidden(kind: FrozenKind, units: bool) -> bool:
+    """Whether a frozen space is reported: boundaries always; otherwise a lost hidden symmetry
+    only where it holds some layer's units (a position grid or table frozen is no loss)."""
+    return kind is not FrozenKind.NON_CHANNEL and (kind.boundary or units)
 
 
 def _prod(xs: list[int]) -> int:

@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx
 
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
 from permerge.graph.rules import RULES, Call, Dims, Rule, rule_for
 from permerge.graph.spaces import Spaces, Why
+from permerge.graph.spaces import tensor_dims as _tensor_dims
 from permerge.spec import FrozenKind
 
 LOG = logging.getLogger(__name__)
@@ -34,22 +34,6 @@ class Propagation:
     values: Mapping[str, Any]  # node name → spaces of its output (activation sites)
     consumer_axes: frozenset[tuple[str, int]]  # parameter axes that read an input (linear's dim 1)
     unknown: Mapping[str, int]  # op → number of nodes frozen for lack of a rule
-
-
-def _tensor_dims(v: Any) -> list[Dims]:
-    if isinstance(v, tuple):
-        return [v]
-    if isinstance(v, list):
-        return [d for x in v for d in _tensor_dims(x)]
-    return []
-
-
-def _fresh_for(spaces: Spaces, val: Any, reason: Why) -> Any:
-    if isinstance(val, torch.Tensor):
-        return tuple(spaces.new(int(n), reason) for n in val.shape)
-    if isinstance(val, (tuple, list)):
-        return [_fresh_for(spaces, v, reason) for v in val]
-    return None
 
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
@@ -117,7 +101,7 @@ def _propagate_one(
                 env[node] = dims
             else:
                 why = cap.frozen_inputs.get(node.name, Why(FrozenKind.MODEL_INPUT, f"input {node.name}"))
-                env[node] = _fresh_for(spaces, val, why)
+                env[node] = spaces.like(val, why)
             continue
         if node.op == "output":
             outs = node.args[0]
@@ -168,7 +152,7 @@ def _frozen_node(
     no_rule = str(err) == "no rule"
     why = "no rule for this op" if no_rule else f"rule failed: {type(err).__name__}: {err}"
     touched = [s for a in _arg_nodes(node) for d in _tensor_dims(env.get(a)) for s in d]
-    channels = [s for s in touched if not spaces.is_frozen(s) and spaces.size[spaces.find(s)] > 1]
+    channels = [s for s in touched if not spaces.is_frozen(s) and spaces.size[spaces.find(s)] > 1 and spaces.find(s) in spaces.units]
     if strict and channels:
         stack = node.meta.get("stack_trace") or ""
         where = stack.strip().splitlines()[-2:] if stack else []
@@ -183,4 +167,4 @@ def _frozen_node(
     if channels:
         unknown[target] = unknown.get(target, 0) + 1
         LOG.info("froze %d axes at %s (%s)", len(channels), node.name, why)
-    return _fresh_for(spaces, node.meta.get("val"), Why(reason.kind, f"output of {reason.text}"))
+    return spaces.like(node.meta.get("val"), Why(reason.kind, f"output of {reason.text}"))

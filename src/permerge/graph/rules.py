@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from permerge.graph.spaces import PROD, SUM, Spaces, Why
+from permerge.graph.spaces import PROD, SUM, Spaces, Why, tensor_dims
 from permerge.spec import FrozenKind
 
 __all__ = ["RULES", "Call", "Dims", "register_rule"]
@@ -55,8 +55,65 @@ def rule_key(target: object) -> object:
 
 
 def rule_for(target: object, table: Mapping[object, Rule]) -> Rule | None:
-    """The rule ``table`` holds for a node's ``target`` (an ATen overload or any callable), or None."""
-    return table.get(rule_key(target))
+    """The rule for a node's ``target`` (an ATen overload or any callable), or None.
+
+    Resolved from ATen's own metadata rather than one entry per spelling: ``table``'s rule for
+    the op's packet; else, for an in-place variant (``hardswish_``, ``__iand__``), its functional
+    op's rule; else, for an op ATen tags ``pointwise`` (and not randomly seeded), elementwise
+    broadcasting. When the schema says the result aliases an argument it writes (in-place and
+    ``out=`` variants), that argument's axes are tied to the result's.
+    """
+    rule = table.get(rule_key(target))
+    if not isinstance(target, torch._ops.OpOverload):
+        return rule
+    if rule is None:
+        rule = table.get(_functional(target))
+    if rule is None and torch.Tag.pointwise in target.tags and torch.Tag.nondeterministic_seeded not in target.tags:
+        rule = _elementwise
+    written = _written(target._schema)
+    return _writing(rule, written) if rule is not None and written else rule
+
+
+def _functional(op: torch._ops.OpOverload) -> object:
+    """The overload packet of an in-place op's functional form (``relu_`` → ``relu``), or None."""
+    ns, name = op._schema.name.split("::")
+    if name.startswith("__i") and name.endswith("__"):
+        base = "__" + name[3:]
+    elif name.endswith("_") and not name.endswith("__"):
+        base = name[:-1]
+    else:
+        return None
+    return getattr(getattr(torch.ops, ns), base, None)
+
+
+def _written(schema: torch.FunctionSchema) -> tuple[tuple[int, int, str], ...]:
+    """(result index, argument position, argument name) for results aliasing a written argument."""
+    args = {
+        frozenset(a.alias_info.before_set): (i, a.name)
+        for i, a in enumerate(schema.arguments)
+        if a.alias_info is not None and a.alias_info.is_write
+    }
+    out = []
+    for j, r in enumerate(schema.returns):
+        if r.alias_info is not None and r.alias_info.is_write and frozenset(r.alias_info.before_set) in args:
+            out.append((j, *args[frozenset(r.alias_info.before_set)]))
+    return tuple(out)
+
+
+def _writing(rule: Rule, written: tuple[tuple[int, int, str], ...]) -> Rule:
+    """``rule``, then the written arguments' axes tied to the results that alias them."""
+
+    def writes(c: Call) -> Any:
+        out = rule(c)
+        results = out if isinstance(out, list) else [out]
+        for j, pos, name in written:
+            arg, res = c.arg(pos, name), results[j] if j < len(results) else None
+            if not (c.is_tensor(arg) and isinstance(res, tuple) and len(res) == len(c.dims(arg))):
+                return c.unsupported("result does not match the argument it writes")
+            results[j] = tuple(c.union(a, b) for a, b in zip(c.dims(arg), res))
+        return results if isinstance(out, list) else results[0]
+
+    return writes
 
 
 @dataclass(frozen=True)
@@ -108,9 +165,28 @@ class Call:
     def union(self, a: int, b: int) -> int:
         return self.spaces.union(a, b)
 
+    def units(self, *spaces: int) -> None:
+        """Mark ``spaces`` as a layer's units (see :meth:`Spaces.mark_units`)."""
+        self.spaces.mark_units(*spaces)
+
     def freeze(self, s: int, reason: str, kind: FrozenKind = FrozenKind.UNSUPPORTED) -> None:
         """Freeze ``s``: by default because this op provably allows no non-trivial permutation of it."""
-        self.spaces.freeze(s, Why(kind, f"{reason} at node {self.node.name} ({self.node.target})"))
+        self.spaces.freeze(s, self._why(kind, reason))
+
+    def unsupported(self, reason: str) -> Any:
+        """Give up on this node soundly: freeze every space its tensor arguments carry and return
+        frozen spaces for its outputs. For cases a rule knows it does not cover (not a failure)."""
+        why = self._why(FrozenKind.UNSUPPORTED, reason)
+        args: list[fx.Node] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), args.append)
+        for a in args:
+            for d in tensor_dims(self.env.get(a)):
+                for s in d:
+                    self.spaces.freeze(s, why)
+        return self.spaces.like(self.node.meta.get("val"), Why(why.kind, f"output of {why.text}"))
+
+    def _why(self, kind: FrozenKind, reason: str) -> Why:
+        return Why(kind, f"{reason} at node {self.node.name} ({self.node.target})")
 
 
 # -- elementwise -----------------------------------------------------------------------------
@@ -124,6 +200,8 @@ def broadcast(c: Call, operands: Sequence[Any]) -> Dims:
         if not c.is_tensor(a):
             continue
         ad, ash = c.dims(a), c.shape(a)
+        if len(ad) > len(out):
+            return c.unsupported(f"operand of shape {ash} does not broadcast to {out}")
         for k in range(1, len(ad) + 1):
             if ash[-k] != out[-k] or ash[-k] == 1:
                 continue
@@ -137,19 +215,11 @@ def broadcast(c: Call, operands: Sequence[Any]) -> Dims:
     aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.__and__,
     aten.__or__, aten.logical_and, aten.logical_or, aten.atan2, aten.clamp, aten.rsub, aten.lerp,
     aten.addcmul, aten.addcdiv, aten.fmod, aten.remainder, aten.floor_divide, aten.copysign,
+    aten.copy,
 )  # fmt: skip
 def _elementwise(c: Call) -> Dims:
+    """Also the rule of every op ATen tags ``pointwise`` (see :func:`rule_for`)."""
     return broadcast(c, list(c.node.args) + list(c.node.kwargs.values()))
-
-
-@register_rule(
-    aten.add_, aten.sub_, aten.mul_, aten.div_, aten.relu_, aten.clamp_, aten.hardtanh_,
-    aten.masked_fill_, aten.copy_, aten.sigmoid_, aten.silu_, aten.gelu_,
-)  # fmt: skip
-def _inplace(c: Call) -> Dims:
-    """In-place ops (some survive non-strict export): the result is the first argument."""
-    out = broadcast(c, list(c.node.args) + list(c.node.kwargs.values()))
-    return tuple(c.union(a, b) for a, b in zip(c.dims(c.arg(0)), out))
 
 
 @register_rule(
@@ -168,7 +238,7 @@ def _pointwise(c: Call) -> Dims | list[Dims]:
     if c.node.target == aten.native_dropout.default:
         return [d, d]
     if c.shape(x) != c.out_shape:
-        raise NotImplementedError("pointwise op changed the shape")
+        return c.unsupported("a unary op changed the shape")
     return d
 
 
@@ -208,8 +278,29 @@ def _reduce(c: Call) -> Dims | list[Dims]:
     if isinstance(val, (tuple, list)):
         return [out for _ in val]
     if len(out) != len(c.out_shape):
-        raise NotImplementedError("could not follow the reduction's axes")
+        return c.unsupported("reduction whose axes could not be followed")
     return out
+
+
+def _used_outputs(node: fx.Node) -> set[int]:
+    """Which outputs of a multi-output node something reads (export adds getitems for all)."""
+    return {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
+
+
+@register_rule(aten.max, aten.min, aten.argmax, aten.argmin)
+def _extremum(c: Call) -> Dims | list[Dims]:
+    """``max(x, y)`` is elementwise; ``max(x, dim)`` a symmetric reduction unless the positions it
+    returns (argmax) are used, which depend on the order of the reduced axis: then it is frozen."""
+    if c.node.target in (aten.max.other, aten.min.other):
+        return _elementwise(c)
+    arg = c.node.target.overloadpacket in (aten.argmax, aten.argmin)
+    if arg or 1 in _used_outputs(c.node):
+        x = c.arg(0)
+        xd = c.dims(x)
+        dim = c.arg(1, "dim")
+        for d in range(len(xd)) if dim is None else [dim % len(xd)]:
+            c.freeze(xd[d], "positions of the maximum or minimum are used")
+    return _reduce(c)
 
 
 # -- linear algebra --------------------------------------------------------------------------
@@ -219,6 +310,7 @@ def _reduce(c: Call) -> Dims | list[Dims]:
 def _linear(c: Call) -> Dims:
     x, w, b = c.arg(0), c.arg(1), c.arg(2)
     xd, wd = c.dims(x), c.dims(w)
+    c.units(wd[0], wd[1])
     c.union(xd[-1], wd[1])
     if c.is_tensor(b):
         c.union(c.dims(b)[-1], wd[0])
@@ -228,7 +320,10 @@ def _linear(c: Call) -> Dims:
 def _matmul_dims(c: Call, a: Any, b: Any) -> Dims:
     ad, bd = c.dims(a), c.dims(b)
     if len(ad) < 2 or len(bd) < 2:
-        raise NotImplementedError("matmul with a 1-d operand")
+        return c.unsupported("matmul with a 1-d operand")
+    for t, d in ((a, ad), (b, bd)):
+        if t.op == "placeholder":  # a weight (GPT-2's Conv1D): its rows and columns are units
+            c.units(*d[-2:])
     c.union(ad[-1], bd[-2])  # the contraction: Σ_k a_k b_k is invariant to one shared permutation
     out = c.out_shape
     batch_a, batch_b = ad[:-2], bd[:-2]
@@ -263,6 +358,41 @@ def _addmm(c: Call) -> Dims:
     return out
 
 
+@register_rule(aten.einsum)
+def _einsum(c: Call) -> Dims:
+    """Every axis labelled with one letter is the same space (a contraction over it is a sum, which
+    a shared permutation leaves unchanged); ``...`` axes broadcast like elementwise operands."""
+    eq = c.arg(0).replace(" ", "")
+    operands = list(c.arg(1))
+    lhs, arrow, rhs = eq.partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        rhs = "".join(sorted(ch for ch in set(lhs) if ch.isalpha() and lhs.count(ch) == 1))
+    letters: dict[str, int] = {}
+    ellipses: list[tuple[Dims, tuple[int, ...]]] = []
+    for term, t in zip(terms, operands):
+        d, shape = c.dims(t), c.shape(t)
+        if t.op == "placeholder":  # a weight contracted with activations: its axes are units
+            c.units(*d)
+        head, dots, tail = term.partition("...")
+        n_ell = len(d) - len(head) - len(tail) if dots else 0
+        ellipses.append((d[len(head) : len(head) + n_ell], shape[len(head) : len(head) + n_ell]))
+        labelled = list(zip(head, d, shape)) + list(zip(tail, d[len(head) + n_ell :], shape[len(head) + n_ell :]))
+        for ch, s, n in labelled:
+            if n != 1:
+                letters[ch] = c.union(letters[ch], s) if ch in letters else s
+    out_shape = c.out_shape
+    head, dots, tail = rhs.partition("...")
+    n_ell = len(out_shape) - len(head) - len(tail) if dots else 0
+    ell: list[int | None] = [None] * n_ell
+    for d, shape in ellipses:
+        for k in range(1, len(d) + 1):
+            if shape[-k] != 1 and k <= n_ell:
+                ell[-k] = d[-k] if ell[-k] is None else c.union(ell[-k], d[-k])
+    out = [letters.get(ch) for ch in head] + ell + [letters.get(ch) for ch in tail]
+    return tuple(s if s is not None else c.spaces.new(n) for s, n in zip(out, out_shape))
+
+
 @register_rule(aten.t, aten.numpy_T)
 def _t(c: Call) -> Dims:
     return tuple(reversed(c.dims(c.arg(0))))
@@ -273,6 +403,7 @@ def _t(c: Call) -> Dims:
 
 def _conv(c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int) -> Dims:
     xd, wd = c.dims(x), c.dims(w)
+    c.units(wd[0], wd[1])
     for k in wd[2:]:
         c.spaces.freeze(k, Why(FrozenKind.NON_CHANNEL, "kernel tap"))
     if not transposed:
@@ -310,7 +441,7 @@ def _mixed(c: Call, axes: Sequence[int], by: str) -> None:
 @register_rule(aten.conv1d, aten.conv2d, aten.conv3d)
 def _convnd(c: Call) -> Dims:
     if len(c.shape(c.arg(0))) == len(c.shape(c.arg(1))) - 1:
-        raise NotImplementedError("unbatched convolution input")
+        return c.unsupported("unbatched convolution input")
     return _conv(c, c.arg(0), c.arg(1), c.arg(2), False, int(c.arg(6, "groups", 1)))
 
 
@@ -331,6 +462,7 @@ def _tie_channel(c: Call, x: Any, params: Sequence[Any], axis: int = 1) -> Dims:
     xd = c.dims(x)
     for p in params:
         if c.is_tensor(p) and c.shape(p) != (0,):
+            c.units(c.dims(p)[0])
             c.union(c.dims(p)[0], xd[axis])
     return xd
 
@@ -358,6 +490,7 @@ def _normalized(c: Call, x: Any, normalized_shape: Sequence[int], params: Sequen
     k = len(normalized_shape)
     for p in params:
         if c.is_tensor(p):
+            c.units(*c.dims(p))
             for pd, s in zip(c.dims(p), xd[-k:]):
                 c.union(pd, s)
     return xd
@@ -401,6 +534,7 @@ def _group_norm(c: Call) -> Dims | list[Dims]:
 def _embedding(c: Call) -> Dims:
     w, idx = c.arg(0), c.arg(1)
     wd = c.dims(w)
+    c.units(wd[1])
     c.freeze(wd[0], "embedding rows are indexed by token ids", FrozenKind.TOKEN_ROWS)
     return c.dims(idx) + (wd[1],)
 
@@ -461,20 +595,22 @@ def _reshape(c: Call, x: Any) -> Dims:
 
 @register_rule(
     aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
-    aten.squeeze, aten._reshape_alias,
+    aten.squeeze, aten._reshape_alias, aten.view_as, aten.reshape_as,
 )  # fmt: skip
 def _view(c: Call) -> Dims:
+    """``view_as``/``reshape_as`` too: only the other tensor's shape matters, not its axes."""
     return _reshape(c, c.arg(0))
 
 
-@register_rule(aten.expand)
+@register_rule(aten.expand, aten.expand_as)
 def _expand(c: Call) -> Dims:
+    """Expanded axes repeat one value, which no permutation changes: they get free, untied spaces."""
     x = c.arg(0)
     xd, ish, osh = c.dims(x), c.shape(x), c.out_shape
     lead = len(osh) - len(xd)
-    out = list(c.fresh(osh[:lead], "expanded"))
+    out = [c.spaces.new(m) for m in osh[:lead]]
     for d, n, m in zip(xd, ish, osh[lead:]):
-        out.append(d if n == m else c.non_channel(m, "expanded axis"))
+        out.append(d if n == m else c.spaces.new(m))
     return tuple(out)
 
 
@@ -494,9 +630,12 @@ def _transpose(c: Call) -> Dims:
 
 @register_rule(aten.select)
 def _select(c: Call) -> Dims:
-    xd = c.dims(c.arg(0))
+    """The picked position must stay put; the positions before and after it may move among themselves."""
+    x = c.arg(0)
+    xd = c.dims(x)
     dim = c.arg(1) % len(xd)
-    c.freeze(xd[dim], "one position picked out of the axis")
+    i = c.arg(2) % c.shape(x)[dim]
+    _slice_parts(c, x, dim, (i, i + 1))
     return xd[:dim] + xd[dim + 1 :]
 
 
@@ -520,9 +659,9 @@ def _slice(c: Call) -> Dims:
     if (start, end, step) == (0, n, 1):
         return xd
     out = list(xd)
-    if step != 1:
-        c.freeze(xd[dim], "strided slice")
-        out[dim] = c.non_channel(c.out_shape[dim], "strided slice")
+    if step != 1:  # every step-th position: the positions are no longer interchangeable
+        c.freeze(xd[dim], f"positions taken with stride {step}")
+        out[dim] = c.spaces.new(c.out_shape[dim], c.spaces.reason(xd[dim]))
         return tuple(out)
     parts = _slice_parts(c, x, dim, (start, end))
     sizes = [c.spaces.size[c.spaces.find(p)] for p in parts]
@@ -556,6 +695,41 @@ def _cat(c: Call) -> Dims:
     return ref[:dim] + (joined,) + ref[dim + 1 :]
 
 
+@register_rule(aten.repeat_interleave)
+def _repeat_interleave(c: Call) -> Dims:
+    """``repeats`` consecutive copies of each position: axis ⊗ copies (equal copies: a free factor)."""
+    x, repeats, dim = c.arg(0), c.arg(1), c.arg(2, "dim")
+    if c.node.target != aten.repeat_interleave.self_int or dim is None:
+        return c.unsupported("repeat_interleave with tensor repeats or without a dim")
+    xd = c.dims(x)
+    dim %= len(xd)
+    out = list(xd)
+    out[dim] = c.spaces.compose(PROD, (xd[dim], c.spaces.new(int(repeats))))
+    return tuple(out)
+
+
+@register_rule(aten.im2col)
+def _im2col(c: Call) -> Dims:
+    """``unfold``: each channel's patch values become rows channel ⊗ kernel taps."""
+    x = c.arg(0)
+    xd = c.dims(x)
+    _mixed(c, xd[-2:], "unfold window")
+    col = c.spaces.compose(PROD, (xd[-3], *(c.non_channel(k, "kernel tap") for k in c.arg(1))))
+    return xd[:-3] + (col, c.non_channel(c.out_shape[-1], "patch position"))
+
+
+@register_rule(aten.col2im)
+def _col2im(c: Call) -> Dims:
+    """``fold``: rows channel ⊗ kernel taps are summed back into each channel's image."""
+    x = c.arg(0)
+    xd = c.dims(x)
+    _mixed(c, xd[-1:], "fold (its patches overlap)")
+    channel, *taps = c.spaces.refine(xd[-2], PROD, (c.out_shape[-3], *c.arg(2)))
+    for t in taps:
+        c.freeze(t, "kernel tap", FrozenKind.NON_CHANNEL)
+    return xd[:-2] + (channel,) + c.fresh(c.out_shape[-2:])
+
+
 @register_rule(aten.stack)
 def _stack(c: Call) -> Dims:
     tensors = list(c.arg(0))
@@ -569,10 +743,92 @@ def _stack(c: Call) -> Dims:
 
 @register_rule(aten.unbind)
 def _unbind(c: Call) -> list[Dims]:
-    xd = c.dims(c.arg(0))
+    """Each position becomes its own tensor (q, k, v of a packed projection): a sum of size-1 parts."""
+    x = c.arg(0)
+    xd = c.dims(x)
     dim = c.arg(1, "dim", 0) % len(xd)
-    c.freeze(xd[dim], "axis unbound into separate tensors")
+    _slice_parts(c, x, dim, range(1, c.shape(x)[dim]))
     return [xd[:dim] + xd[dim + 1 :] for _ in c.node.meta["val"]]
+
+
+@register_rule(aten.roll, aten.flip)
+def _shift(c: Call) -> Dims:
+    """Rolling or flipping moves positions along its axes (freeze them); other axes pass through."""
+    x = c.arg(0)
+    xd, shape = c.dims(x), c.shape(x)
+    if c.node.target == aten.flip.default:
+        moved = [(d, 1) for d in c.arg(1)]
+    else:
+        moved = list(zip(c.arg(2, "dims", ()), c.arg(1)))
+        if not moved:
+            return c.unsupported("roll of the flattened tensor")
+    for d, shift in moved:
+        if shift % shape[d % len(xd)]:
+            c.freeze(xd[d % len(xd)], "positions rolled or flipped along the axis")
+    return xd
+
+
+# -- indexing: the indexed axis is read at given positions (frozen), every other axis passes ----
+
+
+@register_rule(aten.index)
+def _index(c: Call) -> Dims:
+    """``x[..., idx, ...]`` (advanced indexing): non-indexed axes pass through; the index's axes are new.
+
+    Relative-position biases index a ``(positions, heads)`` table: the heads axis follows the
+    attention heads it is added to, the positions axis is read at fixed positions.
+    """
+    x = c.arg(0)
+    xd = c.dims(x)
+    idx = list(c.arg(1))
+    used = [k for k, t in enumerate(idx) if t is not None]
+    if any(c.node.args[1][k].meta["val"].dtype == torch.bool for k in used):
+        return c.unsupported("boolean-mask indexing")
+    for k in used:
+        c.freeze(xd[k], "read at positions given by an index tensor")
+    rest = tuple(d for k, d in enumerate(xd) if k not in used)
+    nb = len(c.out_shape) - len(rest)
+    adjacent = used == list(range(used[0], used[-1] + 1))
+    at = used[0] if adjacent else 0
+    new = _index_axes(c, [idx[k] for k in used], c.out_shape[at : at + nb])
+    return rest[:at] + new + rest[at:]
+
+
+def _index_axes(c: Call, indices: Sequence[Any], shape: Sequence[int]) -> Dims:
+    """The result's axes that enumerate the index tensors' entries: out[j] = x[idx[j]], so they are
+    the index tensors' own axes (broadcast together)."""
+    dims: list[int | None] = [None] * len(shape)
+    for t in indices:
+        td, tsh = c.dims(t), c.shape(t)
+        for k in range(1, min(len(td), len(shape)) + 1):
+            if tsh[-k] == shape[-k] != 1:
+                dims[-k] = td[-k] if dims[-k] is None else c.union(dims[-k], td[-k])
+    return tuple(d if d is not None else c.non_channel(n, "indexed") for d, n in zip(dims, shape))
+
+
+@register_rule(aten.index_select)
+def _index_select(c: Call) -> Dims:
+    x = c.arg(0)
+    xd = c.dims(x)
+    dim = c.arg(1) % len(xd)
+    c.freeze(xd[dim], "read at positions given by an index tensor")
+    return xd[:dim] + _index_axes(c, [c.arg(2)], (c.out_shape[dim],)) + xd[dim + 1 :]
+
+
+@register_rule(aten.gather)
+def _gather(c: Call) -> Dims:
+    """``out[i][j] = x[index[i][j]][j]`` (dim 0): x's and index's other axes move together where equal."""
+    x, index = c.arg(0), c.arg(2)
+    xd, idd = c.dims(x), c.dims(index)
+    dim = c.arg(1) % len(xd)
+    out = []
+    for k, (a, b, n, m) in enumerate(zip(xd, idd, c.shape(x), c.shape(index))):
+        if k == dim or n != m:
+            c.freeze(a, "read at positions given by an index tensor")
+            out.append(b)
+        else:
+            out.append(c.union(a, b))
+    return tuple(out)
 
 
 @register_rule(aten.repeat)
@@ -586,17 +842,31 @@ def _repeat(c: Call) -> Dims:
     return tuple(out)
 
 
-@register_rule(aten.constant_pad_nd, aten.pad)
+@register_rule(
+    aten.constant_pad_nd, aten.pad, aten.reflection_pad1d, aten.reflection_pad2d,
+    aten.reflection_pad3d, aten.replication_pad1d, aten.replication_pad2d, aten.replication_pad3d,
+)  # fmt: skip
 def _pad(c: Call) -> Dims:
+    """Constant padding appends constant slices (a sum: before ⊕ axis ⊕ after, the constant parts
+    unchanged by any permutation); reflecting, replicating or circular padding copies positions
+    of the axis, so it is frozen."""
     x = c.arg(0)
     xd = c.dims(x)
     pad = list(c.arg(1))
+    constant = c.node.target.overloadpacket is aten.constant_pad_nd or (
+        c.node.target.overloadpacket is aten.pad and c.arg(2, "mode", "constant") == "constant"
+    )
     out = list(xd)
     for k in range(len(pad) // 2):
         j = len(xd) - 1 - k
-        if pad[2 * k] or pad[2 * k + 1]:
-            c.freeze(xd[j], "padded axis")
-            out[j] = c.non_channel(c.out_shape[j], "padded axis")
+        before, after = pad[2 * k], pad[2 * k + 1]
+        if not (before or after):
+            continue
+        if constant and before >= 0 and after >= 0:
+            out[j] = c.spaces.compose(SUM, (c.spaces.new(before), xd[j], c.spaces.new(after)))
+        else:
+            c.freeze(xd[j], "positions copied or cropped by padding")
+            out[j] = c.spaces.new(c.out_shape[j], c.spaces.reason(xd[j]))
     return tuple(out)
 
 
@@ -606,16 +876,23 @@ def _pad(c: Call) -> Dims:
 @register_rule(
     aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d, aten.avg_pool2d,
     aten.avg_pool3d, aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
-    aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.max_pool2d_with_indices,
-    aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
-    aten.upsample_bicubic2d, aten.upsample_linear1d, aten.upsample_nearest3d,
+    aten._adaptive_avg_pool2d, aten.adaptive_max_pool1d, aten.adaptive_max_pool2d,
+    aten.max_pool2d_with_indices, aten.upsample_nearest1d, aten.upsample_nearest2d,
+    aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.upsample_linear1d,
+    aten.upsample_nearest3d, aten.upsample_trilinear3d, aten._upsample_bilinear2d_aa,
+    aten._upsample_bicubic2d_aa, aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d,
+    aten._upsample_nearest_exact3d,
 )  # fmt: skip
 def _pool(c: Call) -> Dims | list[Dims]:
+    """Each channel is pooled/resampled on its own over the trailing 1/2/3 spatial axes (from the name)."""
     x = c.arg(0)
     xd = c.dims(x)
     val = c.node.meta["val"]
     shape = tuple(val[0].shape) if isinstance(val, (tuple, list)) else c.out_shape
-    keep = xd[: len(xd) - _spatial_rank(c.node)]
+    rank = next((r for r in (1, 2, 3) if f"{r}d" in str(c.node.target)), None)
+    if rank is None or len(shape) != len(xd):
+        return c.unsupported("pooling whose spatial axes could not be found")
+    keep = xd[: len(xd) - rank]
     _mixed(c, xd[len(keep) :], "pooling or resampling window")
     out = keep + c.fresh(shape[len(keep) :])
     if isinstance(val, (tuple, list)):  # (values, indices): indices are per channel, too
@@ -623,12 +900,81 @@ def _pool(c: Call) -> Dims | list[Dims]:
     return out
 
 
-def _spatial_rank(node: fx.Node) -> int:
-    name = str(node.target)
-    for r in (1, 2, 3):
-        if f"{r}d" in name:
-            return r
-    raise NotImplementedError(f"unknown spatial rank of {name}")
+# -- recurrent layers --------------------------------------------------------------------------
+
+
+@register_rule(aten.lstm, aten.gru, aten.rnn_tanh, aten.rnn_relu)
+def _rnn(c: Call) -> list[Dims]:
+    """LSTM/GRU/RNN: each layer's (and direction's) hidden units may be permuted; the gate blocks
+    of its weights (gates ⊗ hidden, PyTorch's layout) move with them, the gate order cannot.
+
+    A layer reads the previous layer's output (both directions: a sum) through ``weight_ih``'s
+    columns and its own state through ``weight_hh``'s. Initial/final states hold every layer in
+    one tensor, so where they carry values (not a constant such as the default zeros, and not
+    unused) they tie all layers' hidden units to one permutation.
+    """
+    if c.node.target._overloadname != "input":
+        return c.unsupported("packed-sequence recurrent layer")
+    gates = {aten.lstm: 4, aten.gru: 3}.get(c.node.target.overloadpacket, 1)
+    x, hx, params = c.arg(0), c.arg(1), list(c.arg(2))
+    has_biases, layers, bidirectional = c.arg(3), c.arg(4), c.arg(7)
+    directions = 2 if bidirectional else 1
+    per = 4 if has_biases else 2
+    if len(params) != layers * directions * per:
+        return c.unsupported("LSTM with projections")
+    xd = c.dims(x)
+    _mixed(c, [xd[1 if c.arg(8) and len(xd) == 3 else 0]], "recurrent layer along its sequence axis")
+    inp, hidden = xd[-1], []
+    for layer in range(layers):
+        outs = []
+        for d in range(directions):
+            w_ih, w_hh, *biases = (c.dims(p) for p in params[(layer * directions + d) * per :][:per])
+            c.units(*w_ih, *w_hh)
+            c.union(w_ih[1], inp)
+            for t in (w_hh, *biases):
+                c.union(t[0], w_ih[0])
+            gate, h = c.spaces.refine(w_ih[0], PROD, (gates, c.shape(params[1])[1]))
+            c.spaces.refine(gate, SUM, (1,) * gates)
+            c.union(w_hh[1], h)
+            outs.append(h)
+        hidden += outs
+        inp = c.spaces.compose(SUM, tuple(outs))
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    used = _used_outputs(c.node)
+    for i, st in enumerate(states):
+        if i + 1 in used or not (isinstance(st, fx.Node) and st.target in _FILLED):
+            for h in hidden:
+                c.union(c.dims(st)[-1], h)
+    return [xd[:-1] + (inp,)] + [c.dims(st) if i + 1 in used else c.fresh(c.shape(st), "unused state") for i, st in enumerate(states)]
+
+
+# -- wrapped regions (autocast, grad mode): the subgraph's nodes are propagated in place ----
+
+
+@register_rule(torch.ops.higher_order.wrap_with_autocast, torch.ops.higher_order.wrap_with_set_grad_enabled)
+def _wrapped(c: Call) -> Any:
+    """An autocast or grad-mode region: run the rules over its subgraph. If any node in it has no
+    rule, everything the region touched is frozen."""
+    at = next(i for i, a in enumerate(c.node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+    sub = getattr(c.node.graph.owning_module, c.node.args[at].target)
+    env: dict[fx.Node, Any] = {}
+    phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    for ph, a in zip(phs, c.node.args[at + 1 :]):
+        env[ph] = c.env.get(a) if isinstance(a, fx.Node) else None
+    for n in sub.graph.nodes:
+        if n.op == "output":
+            return [env.get(a) if isinstance(a, fx.Node) else None for a in n.args[0]]
+        if n.op != "call_function":
+            continue
+        rule = rule_for(n.target, RULES)
+        if rule is None:
+            for v in env.values():
+                for d in tensor_dims(v):
+                    for s in d:
+                        c.freeze(s, f"{n.target} (no rule) inside a wrapped region", FrozenKind.NO_RULE)
+            return c.unsupported(f"{n.target} (no rule) inside a wrapped region")
+        env[n] = rule(Call(n, c.spaces, env))
+    return c.unsupported("wrapped region without an output")
 
 
 # -- structural no-ops, constants and getitem ------------------------------------------------
@@ -642,13 +988,22 @@ def _no_value(c: Call) -> None:
     return None
 
 
-@register_rule(
-    aten.arange, aten.full, aten.zeros, aten.ones, aten.empty, aten.new_ones, aten.new_zeros,
-    aten.new_full, aten.new_empty, aten.scalar_tensor, aten.rand, aten.randn, aten.linspace,
-)  # fmt: skip
+@register_rule(aten.arange, aten.empty, aten.new_empty, aten.rand, aten.randn, aten.linspace)
 def _constant(c: Call) -> Dims:
-    """Fresh tensors carry no channel: every axis is frozen (tying a channel to it freezes it)."""
+    """Fresh tensors that vary along their axes carry no channel: every axis is frozen."""
     return c.fresh(c.out_shape, "constant")
+
+
+_FILLED = (
+    aten.full.default, aten.zeros.default, aten.ones.default, aten.new_ones.default,
+    aten.new_zeros.default, aten.new_full.default, aten.scalar_tensor.default,
+)  # fmt: skip
+
+
+@register_rule(*{t.overloadpacket for t in _FILLED})
+def _filled(c: Call) -> Dims:
+    """One value everywhere, which no permutation changes: free, untied spaces."""
+    return tuple(c.spaces.new(n) for n in c.out_shape)
 
 
 @register_rule(operator.getitem)

@@ -3,15 +3,23 @@
 Every feature axis of every value in the traced graph (and every dimension of every parameter)
 gets a space id. Ops that require two axes to be permuted identically *union* their spaces. A
 concatenation makes a space the ordered **sum** of its parts; a reshape into heads makes it the
-**product** ``heads ⊗ head_dim`` (row-major, outer first). A frozen space is never permuted;
-freezing a refined space freezes all its parts. Representatives are the smallest id, and ids are
-handed out in graph order, so the same model always yields the same groups.
+**product** ``heads ⊗ head_dim`` (row-major, outer first). A factor of 1 splits nothing and is
+dropped. Two splits of one space are reconciled by their common refinement: sum vs sum and
+product vs product by merging cut points, sum vs product when every summand is a whole number of
+the product's inner blocks (q, k, v concatenated, then viewed as ``3 ⊗ heads ⊗ head_dim``: the
+outer factor indexes the summands and cannot move, the inner factors are shared by all of them).
+Splits with no common refinement freeze the space. A frozen space is never permuted; freezing a
+refined space freezes all its parts. Representatives are the smallest id, and ids are handed out
+in graph order, so the same model always yields the same groups.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import torch
 
 from permerge.spec import FrozenKind
 
@@ -33,6 +41,7 @@ class Spaces:
     size: list[int] = field(default_factory=list)
     frozen: dict[int, Why] = field(default_factory=dict)
     struct: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    units: set[int] = field(default_factory=set)  # roots holding some layer's units (see mark_units)
 
     def new(self, size: int, frozen: Why | None = None) -> int:
         s = len(self.parent)
@@ -42,8 +51,23 @@ class Spaces:
             self.frozen[s] = frozen
         return s
 
+    def like(self, val: Any, reason: Why | None | Sequence[Why | None]) -> Any:
+        """New spaces shaped like a traced value (a tensor → one per axis; lists/tuples → a list).
+
+        ``reason`` freezes them (``None``: free); a list gives one reason per axis of a tensor.
+        """
+        if isinstance(val, torch.Tensor):
+            reasons = reason if isinstance(reason, list) else [reason] * val.dim()
+            return tuple(self.new(int(n), r) for n, r in zip(val.shape, reasons))
+        if isinstance(val, (tuple, list)):
+            return [self.like(v, reason) for v in val]
+        return None
+
     def compose(self, kind: str, children: tuple[int, ...]) -> int:
-        """A new space that *is* the sum/product of existing ``children``."""
+        """A space that *is* the sum/product of existing ``children`` (new unless only one is not trivial)."""
+        children = tuple(c for c in children if self.size[self.find(c)] != (1 if kind == PROD else 0))
+        if len(children) == 1:
+            return self.find(children[0])
         sizes = [self.size[self.find(c)] for c in children]
         total = sum(sizes) if kind == SUM else _prod(sizes)
         s = self.new(total)
@@ -71,6 +95,20 @@ class Spaces:
             for c in st[1]:
                 self.freeze(c, reason)
 
+    def mark_units(self, *spaces: int) -> None:
+        """Record that ``spaces`` hold a layer's units (a linear's or conv's features, a norm's
+        channels): when frozen, they are hidden symmetries lost. Frozen spaces that never meet
+        a unit (a position-embedding grid, a relative-position table's rows) are positions."""
+        self.units.update(self.find(s) for s in spaces)
+
+    def reason(self, s: int) -> Why | None:
+        """Why ``s`` is frozen (its first frozen part's reason, if refined), or None."""
+        r = self.find(s)
+        st = self.struct.get(r)
+        if st is None:
+            return self.frozen.get(r)
+        return next((w for w in (self.reason(c) for c in st[1]) if w is not None), None)
+
     def is_frozen(self, s: int) -> bool:
         """True when no part of ``s`` may move."""
         r = self.find(s)
@@ -83,15 +121,28 @@ class Spaces:
         sizes = tuple(int(x) for x in sizes)
         if len(sizes) == 1:
             return (r,)
+        if kind == PROD and 1 in sizes:  # a factor of 1 splits nothing
+            inner = iter(self.refine(r, PROD, tuple(z for z in sizes if z != 1)) if self.size[r] != 1 else ())
+            return tuple(self.new(1) if z == 1 else next(inner) for z in sizes)
         st = self.struct.get(r)
         if st is not None:
-            if st[0] == kind and self._sizes(st[1]) == sizes:
+            have = self._sizes(st[1])
+            if st[0] == kind and have == sizes:
                 return st[1]
-            common = _common_refinement(kind, self._sizes(st[1]), sizes) if st[0] == kind else None
-            if common is not None:
-                return self._regroup(kind, st[1], common, sizes)
+            if st[0] == kind:
+                common = _common_refinement(kind, have, sizes)
+                if common is not None:
+                    return self._regroup(kind, st[1], common, sizes)
+            elif kind == PROD:  # summands of r viewed as a product
+                met = self._meet(st[1], tuple(self.new(z) for z in sizes))
+                if met is not None:
+                    return met
+            else:  # a product r viewed as summands
+                summands = tuple(self.new(z) for z in sizes)
+                if self._meet(summands, st[1]) is not None:
+                    return summands
             # Splits that share no common refinement: keep it correct by freezing both.
-            reason = Why(FrozenKind.CONFLICT, f"conflicting layouts ({st[0]} {self._sizes(st[1])} vs {kind} {sizes})")
+            reason = Why(FrozenKind.CONFLICT, f"conflicting layouts ({st[0]} {have} vs {kind} {sizes})")
             self.freeze(r, reason)
             return tuple(self.new(z, reason) for z in sizes)
         children = tuple(self.new(z) for z in sizes)
@@ -102,6 +153,30 @@ class Spaces:
                 self.freeze(c, reason)
         return children
 
+    def _meet(self, summands: tuple[int, ...], factors: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Tie summands ``m_t`` of a space to its factors ``f_1 ⊗ … ⊗ f_j``, or None if impossible.
+
+        With ``s = f_{i+1}·…·f_j`` dividing every ``m_t`` (the smallest such ``i``), each summand
+        is ``(m_t / s) ⊗ s``: the outer factors ``f_1 ⊗ … ⊗ f_i`` become the sum of the summands'
+        block counts (so no block moves across summands) and the inner factors are shared by all
+        summands. Returns ``factors``.
+        """
+        m = self._sizes(summands)
+        f = self._sizes(factors)
+        for i in range(1, len(f)):
+            s = _prod(list(f[i:]))
+            if all(x % s == 0 for x in m):
+                break
+        else:
+            return None
+        outer = self.compose(PROD, factors[:i])
+        inner = self.compose(PROD, factors[i:])
+        for t, block in zip(summands, self.refine(outer, SUM, tuple(x // s for x in m))):
+            a, b = self.refine(t, PROD, (self.size[self.find(t)] // s, s))
+            self.union(a, block)
+            self.union(b, inner)
+        return factors
+
     def union(self, a: int, b: int) -> int:
         """Tie two equal-size spaces: any permutation of one must be applied to the other."""
         ra, rb = self.find(a), self.find(b)
@@ -111,22 +186,18 @@ class Spaces:
             raise ValueError(f"cannot tie spaces of sizes {self.size[ra]} and {self.size[rb]}")
         root, other = min(ra, rb), max(ra, rb)
         self.parent[other] = root
+        if other in self.units:
+            self.units.discard(other)
+            self.units.add(root)
         sr, so = self.struct.pop(root, None), self.struct.pop(other, None)
         fr, fo = self.frozen.pop(root, None), self.frozen.pop(other, None)
-        if sr is not None and so is not None:
+        if sr is not None:
             self.struct[root] = sr
-            if sr[0] == so[0] and self._sizes(sr[1]) == self._sizes(so[1]):
-                for x, y in zip(sr[1], so[1]):
+            if so is not None:  # the other's split must hold too: reconcile, then tie part by part
+                for x, y in zip(self.refine(root, so[0], self._sizes(so[1])), so[1]):
                     self.union(x, y)
-            else:
-                reason = Why(
-                    FrozenKind.CONFLICT, f"conflicting layouts ({sr[0]} {self._sizes(sr[1])} vs {so[0]} {self._sizes(so[1])})"
-                )
-                self.freeze(root, reason)
-                for c in so[1]:
-                    self.freeze(c, reason)
-        elif sr is not None or so is not None:
-            self.struct[root] = sr if sr is not None else so  # type: ignore[assignment]
+        elif so is not None:
+            self.struct[root] = so
         reason = fr if fr is not None else fo
         if reason is not None:
             self.freeze(root, reason)
@@ -159,6 +230,15 @@ class Spaces:
                 k += 1
             out.append(take[0] if len(take) == 1 else self.compose(kind, tuple(take)))
         return tuple(out)
+
+
+def tensor_dims(v: Any) -> list[tuple[int, ...]]:
+    """The per-axis spaces of every tensor in a traced value's spaces (tuple, or nested lists)."""
+    if isinstance(v, tuple):
+        return [v]
+    if isinstance(v, list):
+        return [d for x in v for d in tensor_dims(x)]
+    return []
 
 
 def _combine(kind: str, xs: list[int]) -> int:

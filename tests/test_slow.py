@@ -21,10 +21,10 @@ def test_llama_7b_shape_traces_on_the_meta_device():
         model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.zeros(1, 16, dtype=torch.long, device="meta")
     spec = pm.trace(model, ids, example_kwargs={"use_cache": False})
-    # 1 residual stream + per layer: KV heads, V/O head dim, MLP units
-    assert len(spec.groups) == 1 + 32 * 3
+    # 1 residual stream + per layer: KV heads, query heads within a KV head's group, V/O head dim, MLP units
+    assert len(spec.groups) == 1 + 32 * 4
     sizes = sorted({g.size for g in spec.groups})
-    assert sizes == [8, 128, 4096, 11008]
+    assert sizes == [4, 8, 128, 4096, 11008]
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert spec.permutable_fraction(shapes) >= 0.85
 

@@ -6,15 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import traced
-from zoo import ZOO
+from conftest import traced, zoo_params
 
 import permerge as pm
 from permerge.errors import FunctionNotPreservedError, SpecError
 from permerge.spec import Axis, Group, PermutationSpec
 
 
-@pytest.mark.parametrize("name", [z.name for z in ZOO])
+@pytest.mark.parametrize("name", zoo_params())
 def test_json_round_trip(name):
     model, _, _, spec = traced(name)
     back = PermutationSpec.from_json(spec.to_json())

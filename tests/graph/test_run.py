@@ -7,8 +7,7 @@ from collections.abc import Iterator, Mapping
 
 import pytest
 import torch
-from conftest import traced
-from zoo import ZOO
+from conftest import traced, zoo_params
 
 import permerge as pm
 from permerge.graph import trace_graph
@@ -21,7 +20,7 @@ def _outputs(model, x, kwargs):
     return [t.float() for t in model_outputs(model, x, kwargs) if t.is_floating_point()]
 
 
-@pytest.mark.parametrize("name", [z.name for z in ZOO])
+@pytest.mark.parametrize("name", zoo_params())
 def test_the_program_computes_the_model_with_any_weights(name):
     """The weightless traced program, bound to a permuted state dict, computes the permuted model."""
     model, x, kwargs, spec = traced(name)

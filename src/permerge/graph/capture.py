@@ -6,9 +6,10 @@ runs the real Python code and records an ATen graph with ~30 op types, in which 
 buffers appear as placeholders named by their state-dict keys (tied weights appear once).
 
 Where the graph holds composite ops that no rule covers but that ATen decomposes into core ops
-(``pixel_shuffle`` into view/permute, ``glu`` into slices and a product), the program is
-decomposed once, with a table restricted to those ops: every op that has a rule (norms, linear,
-conv, attention, …) stays intact, and graphs without such ops pay nothing.
+(``pixel_shuffle`` into view/permute, ``glu`` into slices and a product), or autocast/grad-mode
+regions (higher-order ops wrapping a subgraph), the program is decomposed once, with a table
+restricted to those ops: every op that has a rule (norms, linear, conv, attention, …) stays
+intact, the regions are inlined, and graphs without either pay nothing.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _reads_floats(node: fx.Node) -> bool:
 
 
 def _decomposed(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``ep`` with its rule-less, non-core ops decomposed (or ``ep`` itself if it has none)."""
+    """``ep`` with its rule-less, non-core ops decomposed and wrapped regions inlined (or ``ep``)."""
     from torch._decomp import decomposition_table
 
     table = {
@@ -178,7 +179,8 @@ def _decomposed(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgra
         and rule_for(n.target, RULES) is None
         and _reads_floats(n)  # channels live in floating-point values, not in masks or indices
     }
-    if not table:
+    wrapped = any(isinstance(n.target, torch._ops.HigherOrderOperator) for n in ep.graph.nodes)
+    if not table and not wrapped:  # autocast / grad-mode regions are inlined by the pass too
         return ep
     try:
         return ep.run_decompositions(table)

@@ -122,10 +122,14 @@ def build_spec(
     return PermutationSpec(tuple(groups), tuple(frozen)), roots
 
 
+_ALWAYS = frozenset({FrozenKind.UNREACHED, FrozenKind.USER, FrozenKind.RULE_ERROR})
+
+
 def _hidden(kind: FrozenKind, units: bool) -> bool:
-    """Whether a frozen space is reported: boundaries always; otherwise a lost hidden symmetry
-    only where it holds some layer's units (a position grid or table frozen is no loss)."""
-    return kind is not FrozenKind.NON_CHANNEL and (kind.boundary or units)
+    """Whether a frozen space is reported: boundaries, unread parameters, user requests and rule
+    errors always; what a rule froze only where it holds some layer's units (a position grid or
+    a relative-position table frozen is no lost symmetry)."""
+    return kind is not FrozenKind.NON_CHANNEL and (kind.boundary or kind in _ALWAYS or units)
 
 
 def _prod(xs: list[int]) -> int:

@@ -948,35 +948,6 @@ def _rnn(c: Call) -> list[Dims]:
     return [xd[:-1] + (inp,)] + [c.dims(st) if i + 1 in used else c.fresh(c.shape(st), "unused state") for i, st in enumerate(states)]
 
 
-# -- wrapped regions (autocast, grad mode): the subgraph's nodes are propagated in place ----
-
-
-@register_rule(torch.ops.higher_order.wrap_with_autocast, torch.ops.higher_order.wrap_with_set_grad_enabled)
-def _wrapped(c: Call) -> Any:
-    """An autocast or grad-mode region: run the rules over its subgraph. If any node in it has no
-    rule, everything the region touched is frozen."""
-    at = next(i for i, a in enumerate(c.node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
-    sub = getattr(c.node.graph.owning_module, c.node.args[at].target)
-    env: dict[fx.Node, Any] = {}
-    phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    for ph, a in zip(phs, c.node.args[at + 1 :]):
-        env[ph] = c.env.get(a) if isinstance(a, fx.Node) else None
-    for n in sub.graph.nodes:
-        if n.op == "output":
-            return [env.get(a) if isinstance(a, fx.Node) else None for a in n.args[0]]
-        if n.op != "call_function":
-            continue
-        rule = rule_for(n.target, RULES)
-        if rule is None:
-            for v in env.values():
-                for d in tensor_dims(v):
-                    for s in d:
-                        c.freeze(s, f"{n.target} (no rule) inside a wrapped region", FrozenKind.NO_RULE)
-            return c.unsupported(f"{n.target} (no rule) inside a wrapped region")
-        env[n] = rule(Call(n, c.spaces, env))
-    return c.unsupported("wrapped region without an output")
-
-
 # -- structural no-ops, constants and getitem ------------------------------------------------
 
 

@@ -102,7 +102,7 @@ TIMM: dict[str, tuple[dict[str, Any], int]] = {
     "twins_svt_small": ({"img_size": 64, "depths": ONE}, 64),
     "coat_lite_tiny": ({"img_size": 64}, 64),
     "visformer_tiny": ({"img_size": 64}, 64),
-    "convit_tiny": (VIT, 64),
+    "convit_tiny": ({**VIT, "local_up_to_layer": 1}, 64),
     "volo_d1_224": ({"img_size": 64}, 64),
     "nest_tiny": ({"img_size": 64}, 64),
     # plain vision transformers

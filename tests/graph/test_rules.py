@@ -354,3 +354,33 @@ def test_rule_that_gives_up_freezes_as_unsupported_not_error():
     spec = pm.trace(Net().eval(), torch.randn(2, 4), cache=False)
     kinds = {f.kind for f in _hidden_frozen(spec)}
     assert kinds == {FrozenKind.UNSUPPORTED}
+
+
+class _PointwiseAxisConv(nn.Module):
+    """LambdaNet's position lambdas: a Conv3d whose kernel is 1 along the value (channel) axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.v, self.lam, self.out = nn.Linear(4, 6), nn.Conv3d(1, 2, (3, 3, 1), padding=(1, 1, 0)), nn.Linear(6, 3)
+
+    def forward(self, x):  # x: (B, H, W, C)
+        y = self.lam(self.v(x).unsqueeze(1))  # (B, 2, H, W, 6): slides over H, W, reads the 6 values pointwise
+        return self.out(y.sum(1))
+
+
+def test_conv_axis_with_kernel_one_passes_units_and_a_sliding_axis_freezes_them():
+    spec = _checked(_PointwiseAxisConv(), torch.randn(2, 4, 4, 4))
+    assert _sizes(spec, "v.weight") == [6] and not _hidden_frozen(spec)
+
+    class Eca(nn.Module):  # ECA attention: a 1-d conv slides over the channels
+        def __init__(self):
+            super().__init__()
+            self.a, self.gate, self.b = nn.Conv2d(3, 8, 1), nn.Conv1d(1, 1, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            w = self.gate(y.mean((2, 3)).unsqueeze(1)).sigmoid().view(y.shape[0], -1, 1, 1)
+            return self.b(y * w)
+
+    spec = _checked(Eca(), torch.randn(2, 3, 5, 5))
+    assert not spec.groups and "convolution kernel" in _hidden_frozen(spec)[0].reason

@@ -401,7 +401,9 @@ def _t(c: Call) -> Dims:
 # -- convolutions ----------------------------------------------------------------------------
 
 
-def _conv(c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int) -> Dims:
+def _conv(
+    c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int, stride: Any = 1, padding: Any = 0
+) -> Dims:
     xd, wd = c.dims(x), c.dims(w)
     c.units(wd[0], wd[1])
     for k in wd[2:]:
@@ -427,8 +429,21 @@ def _conv(c: Call, x: Any, w: Any, b: Any, transposed: bool, groups: int) -> Dim
             out_ch = c.spaces.compose(PROD, (xg, wd[1]))
     if c.is_tensor(b):
         c.union(c.dims(b)[0], out_ch)
-    _mixed(c, xd[2:], "convolution kernel")
-    return (xd[0], out_ch) + c.fresh(c.out_shape[2:])
+    # an axis with kernel 1, stride 1 and no padding is read pointwise (LambdaNet's Conv3d over
+    # values): its positions pass through; every other axis the window slides over is mixed
+    n = len(xd) - 2
+    kernel, strides = c.shape(w)[2:], _per_axis(stride, n)
+    pads = [0] * n if padding in ("valid", "same") else _per_axis(padding, n)
+    through = [not transposed and (k, s_, p) == (1, 1, 0) for k, s_, p in zip(kernel, strides, pads)]
+    _mixed(c, [d for d, t in zip(xd[2:], through) if not t], "convolution kernel")
+    spatial = [d if t else c.non_channel(m, "spatial axis") for d, t, m in zip(xd[2:], through, c.out_shape[2:])]
+    return (xd[0], out_ch, *spatial)
+
+
+def _per_axis(v: Any, n: int) -> list[int]:
+    """A conv's stride/padding argument (an int or a list of 1 or n) as one int per spatial axis."""
+    v = [v] if isinstance(v, int) else list(v)
+    return v * n if len(v) == 1 else v
 
 
 def _mixed(c: Call, axes: Sequence[int], by: str) -> None:
@@ -442,7 +457,7 @@ def _mixed(c: Call, axes: Sequence[int], by: str) -> None:
 def _convnd(c: Call) -> Dims:
     if len(c.shape(c.arg(0))) == len(c.shape(c.arg(1))) - 1:
         return c.unsupported("unbatched convolution input")
-    return _conv(c, c.arg(0), c.arg(1), c.arg(2), False, int(c.arg(6, "groups", 1)))
+    return _conv(c, c.arg(0), c.arg(1), c.arg(2), False, int(c.arg(6, "groups", 1)), c.arg(3, "stride", 1), c.arg(4, "padding", 0))
 
 
 @register_rule(aten.conv_transpose1d, aten.conv_transpose2d, aten.conv_transpose3d)
@@ -452,7 +467,7 @@ def _conv_transpose(c: Call) -> Dims:
 
 @register_rule(aten.convolution)
 def _convolution(c: Call) -> Dims:
-    return _conv(c, c.arg(0), c.arg(1), c.arg(2), bool(c.arg(6)), int(c.arg(8)))
+    return _conv(c, c.arg(0), c.arg(1), c.arg(2), bool(c.arg(6)), int(c.arg(8)), c.arg(3), c.arg(4))
 
 
 # -- normalisation ---------------------------------------------------------------------------

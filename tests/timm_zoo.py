@@ -57,7 +57,7 @@ TIMM: dict[str, tuple[dict[str, Any], int]] = {
     "tinynet_e": ({}, 64),
     "mobilenetv2_050": ({}, 64),
     "mobilenetv3_small_050": ({}, 64),
-    "mobilenetv4_conv_small": ({}, 64),
+    "mobilenetv4_conv_small": ({}, 128),
     "mnasnet_small": ({}, 64),
     "lcnet_050": ({}, 64),
     "ghostnet_050": ({}, 64),

@@ -19,7 +19,8 @@ Per model:
   that some group permutes.
 * **fn error** -- ``max |f(x) - f'(x)| / max |f(x)|`` over 3 random permutations of the spec,
   on a copy whose constant state (BN statistics, norm affines, zero biases) is redrawn
-  (``zoo.randomized``) so a forgotten buffer shows; ``FAIL`` above 1e-4.
+  (``zoo.randomized``) so a forgotten buffer shows, in every run ``check_function_preserved``
+  makes (eval and train mode, a second batch size); ``FAIL`` above 2e-4.
 * **frozen hidden** -- the spec's frozen spaces that hold some layer's units, by kind
   (``permerge.spec.FrozenKind``); their reasons are listed in a second table.
 
@@ -68,7 +69,7 @@ import permerge  # noqa: E402
 from permerge.check import check_function_preserved, output_error  # noqa: E402
 from permerge.spec import FrozenKind, PermutationSpec  # noqa: E402
 
-TOL = 1e-4
+TOL = 2e-4  # float32: a train-mode pass of Inception v3 here is 6e-5 from float64 (see tests/test_apply.py)
 N_PERMUTATIONS = 3
 TARGET = 0.99
 PARTS = {"base": lambda z: not z.hf and not z.name.startswith("timm/"), "hf": lambda z: z.hf,

@@ -14,18 +14,23 @@ from permerge.check import check_function_preserved
 from permerge.errors import FunctionNotPreservedError, SpecError
 from permerge.spec import FrozenKind
 
+# float32 noise: a train-mode pass of the zoo's deepest BatchNorm net (Inception v3) is 6e-5 from
+# its float64 value, so two float32 passes over reordered sums differ by up to ~1e-4
+TOL = 2e-4
+
 
 @pytest.mark.parametrize("name", zoo_params())
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_permutation_preserves_outputs(name, seed):
     """On a copy whose norm statistics, affines and zero biases are redrawn (a forgotten buffer
-    would show), a random permutation changes no output by more than 1e-4 relative."""
+    would show), a random permutation changes no output by more than TOL relative (eval and
+    train mode; a forgotten buffer or a wrong tie moves outputs by 1e-2 to 1)."""
     model, inputs, kwargs, spec = traced(name)
     model = randomized(model, seed)
     perm = pm.random_permutation(spec, seed)
-    report = check_function_preserved(model, spec, inputs, perm, example_kwargs=kwargs, tol=1e-4)
-    assert report.relative_error <= 1e-4
+    report = check_function_preserved(model, spec, inputs, perm, example_kwargs=kwargs, tol=TOL)
+    assert report.relative_error <= TOL
     # the permutation really moved weights (the test would be vacuous otherwise)
     if any(len(p) > 1 and not torch.equal(p, torch.arange(len(p))) for p in perm.values()):
         sd = model.state_dict()

@@ -19,6 +19,7 @@ from torch import nn
 ONE = (1, 1, 1, 1)
 NARROW = (16, 32, 64, 128)
 VIT = {"img_size": 64, "depth": 2}
+BATCH = 4  # train-mode BatchNorm over 2 samples of a 1x1 map is float32 noise; 4 make it well posed
 SWIN = {"img_size": 64, "window_size": 4, "depths": ONE, "embed_dim": 32, "num_heads": (1, 2, 4, 8)}
 
 # name → (constructor overrides, input size)
@@ -40,7 +41,7 @@ TIMM: dict[str, tuple[dict[str, Any], int]] = {
     "regnety_002": ({}, 64),
     "test_byobnet": ({}, 64),
     "repvgg_a0": ({}, 64),
-    "mobileone_s0": ({}, 64),
+    "mobileone_s0": ({}, 96),
     "gernet_s": ({}, 64),
     "eca_resnet33ts": ({}, 64),
     "lambda_resnet26t": ({}, 64),
@@ -67,7 +68,7 @@ TIMM: dict[str, tuple[dict[str, Any], int]] = {
     # DenseNet, DLA, Inception, Xception, CSPNet, VGG, HRNet
     "densenet121": ({"growth_rate": 8, "block_config": (2, 2, 2, 2)}, 64),
     "dla34": ({"levels": (1, 1, 1, 1, 1, 1), "channels": (8, 16, 32, 64, 128, 256)}, 64),
-    "inception_v3": ({}, 96),
+    "inception_v3": ({}, 160),
     "xception41p": ({}, 64),
     "cs3darknet_s": ({}, 64),
     "cspresnet50": ({}, 64),
@@ -172,4 +173,4 @@ def build(name: str) -> nn.Module:
 
 def example(name: str, seed: int = 0) -> tuple[torch.Tensor]:
     size = TIMM[name][1]
-    return (torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed)),)
+    return (torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(seed)),)

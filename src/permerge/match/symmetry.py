@@ -243,12 +243,12 @@ def source_blocks(spec: PermutationSpec, g: str, k: int, gathers: Mapping[str, t
             if h in gathers and other.dim % len(shapes[ax.key]) == ax.dim % len(shapes[ax.key]):
                 idx = idx[axis_index(other, gathers[h], length)]
         pos = ax.positions(n).reshape(k, -1)
-        start = {int(p[0]): c for c, p in enumerate(pos)}
+        start = {int(p.min()): c for c, p in enumerate(pos)}
         found = []
-        for c in range(k):
+        for c in range(k):  # a block may arrive reordered within (GQA: query heads within a KV group)
             src = idx[pos[c]]
-            c0 = start.get(int(src[0]))
-            if c0 is None or not torch.equal(src, pos[c0]):
+            c0 = start.get(int(src.min()))
+            if c0 is None or not torch.equal(src.sort().values, pos[c0].sort().values):
                 raise SpecError(f"group {g!r}: the permutations of {ax.key!r} dim {ax.dim} do not move its per-head "
                                 "blocks whole; per-head maps need the heads permuted as whole blocks")  # fmt: skip
             found.append(c0)

@@ -14,6 +14,8 @@ Per model:
 
 * **trace (s)** -- median over ``--repeats`` uncached ``permerge.trace`` calls (``cache=False``),
   after one warm-up trace of a tiny MLP so one-time costs are not charged to the first model.
+* **beyond permutations** -- groups whose traced symmetry class is richer than permutations
+  (scaled permutations, orthogonal, invertible maps; ``permerge.graph.classes``).
 * **groups**, **permutable** -- ``spec.permutable_fraction``: the share of hidden channel axes
   (parameter axes weighted by their tensor's size; model inputs/outputs and token rows excluded)
   that some group permutes.
@@ -67,7 +69,7 @@ from zoo import ZOO, ZOO_BY_NAME, ZooModel, randomized  # noqa: E402
 
 import permerge  # noqa: E402
 from permerge.check import check_function_preserved, output_error  # noqa: E402
-from permerge.spec import FrozenKind, PermutationSpec  # noqa: E402
+from permerge.spec import SYMMETRIES, FrozenKind, PermutationSpec  # noqa: E402
 
 TOL = 2e-4  # float32: a train-mode pass of Inception v3 here is 6e-5 from float64 (see tests/test_apply.py)
 N_PERMUTATIONS = 3
@@ -99,6 +101,7 @@ class ToolResult:
     error: float | None = None
     crash: str | None = None
     frozen: list[tuple[FrozenKind, int, str]] = field(default_factory=list)  # permerge only
+    classes: collections.Counter[str] = field(default_factory=collections.Counter)  # permerge: groups per class
 
     @property
     def preserved(self) -> bool:
@@ -166,6 +169,7 @@ def run_permerge(entry: ZooModel, model: nn.Module, inputs: tuple[Any, ...], rep
             result.count = len(spec.groups)
             result.fraction = spec.permutable_fraction(model.state_dict())
             result.frozen = hidden_frozen(spec)
+            result.classes = collections.Counter(g.symmetry for g in spec.groups)
             result.error = max(
                 check_function_preserved(
                     randomized(model, seed), spec, inputs, permerge.random_permutation(spec, seed),
@@ -298,13 +302,22 @@ def kinds_cell(r: ToolResult) -> str:
     return ", ".join(f"{k} ×{n}" for k, n in sorted(counts.items())) or ("—" if r.crash is None else r.crash)
 
 
+_SHORT = {"scaled_permutation": "scaled", "orthogonal": "orth", "invertible": "inv"}
+
+
+def classes_cell(r: ToolResult) -> str:
+    """Groups in a class beyond permutations (what ``align(symmetries="all")`` may use)."""
+    return ", ".join(f"{_SHORT[c]} {n}" for c, n in sorted(r.classes.items()) if c in _SHORT) or "—"
+
+
 def coverage_table(rows: list[Row]) -> list[str]:
-    head = ("model", "#params", "trace (s)", "#groups", "permutable", "fn error", "frozen hidden spaces")
+    head = ("model", "#params", "trace (s)", "#groups", "beyond permutations", "permutable", "fn error",
+            "frozen hidden spaces")  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         r = row.permerge
         lines.append("| " + " | ".join([
-            row.name, f"{row.params:,}", value(r, r.seconds, ".2f"), value(r, r.count, "d"),
+            row.name, f"{row.params:,}", value(r, r.seconds, ".2f"), value(r, r.count, "d"), classes_cell(r),
             value(r, r.fraction, ".3f"), error_cell(r), kinds_cell(r),
         ]) + " |")  # fmt: skip
     return lines
@@ -334,6 +347,10 @@ def summary(rows: list[Row]) -> list[str]:
     out = [line("timm cross-section", timm)] if timm else []
     out.append(line("whole run", rows))
     kinds = collections.Counter(k for r in rows for k, _, _ in r.permerge.frozen)
+    classes = sum((r.permerge.classes for r in rows), collections.Counter())
+    out.append(f"- groups by symmetry class (the tracer's, `permerge.graph.classes`): "
+               f"{', '.join(f'{c} {classes[c]}' for c in SYMMETRIES)}; models with a class beyond permutations: "
+               f"{sum(any(c != 'permutation' for c in r.permerge.classes) for r in rows)}/{len(rows)}")  # fmt: skip
     crashes = [r.name for r in rows if r.permerge.crash]
     out.append(f"- frozen hidden spaces by kind over the run: "
                f"{', '.join(f'{k.value} ×{n}' for k, n in sorted(kinds.items(), key=lambda kv: kv[0].value)) or 'none'}; "

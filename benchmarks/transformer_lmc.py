@@ -15,17 +15,15 @@ later runs load them):
 For each family it prints the test-loss barrier and the midpoint's excess loss (loss at α = ½ minus
 the endpoints' mean) of ``(1-α)·A + α·B`` for: naive averaging; permutation weight / activation
 matching (``symmetries="permutation"``); the generalised alignment (``symmetries="all"``: the
-tracer's classes, upgraded here as described below), from weights and from activations; each with
+tracer's classes), from weights and from activations; each with
 REPAIR at every α (``permerge.repair_transform``). Barriers come from ``permerge.interpolation_curve``
 (the "line" definition: the worst excess over the straight line between the endpoints' losses);
 nothing is re-implemented. The table goes to stdout and, with the command, to
 ``benchmarks/results/transformer_lmc.md``.
 
-Until the tracer grants symmetry classes itself (see docs/design.md), the groups are upgraded with
-``tests/grants.py`` (the same upgrade the property tests use), from facts that hold for any pre-norm
-transformer: a group holding norm gains that all fold into linear layers (the residual stream) is
-orthogonal, per-head query·key and value·output groups are invertible, the rest (heads, GELU MLP
-units) stay permutations.
+The classes come from the tracer (``permerge.graph.classes``): the residual stream, whose norm gains
+all fold into linear layers, is orthogonal; per-head query·key and value·output groups are
+invertible; the rest (heads, GELU MLP units) stay permutations.
 """
 
 from __future__ import annotations
@@ -52,10 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "src"), str(HERE.parent / "tests")]  # permerge, common.py, grants.py
+sys.path[:0] = [str(HERE), str(HERE.parent / "src")]  # permerge, common.py
 
 from common import cached_model, load_fashion_mnist, num_params, num_threads, save_results, train  # noqa: E402
-from grants import grant  # noqa: E402
 
 import permerge  # noqa: E402
 from permerge.errors import IllConditionedError  # noqa: E402
@@ -205,12 +202,12 @@ METHODS = (
     ("activation matching, all (orthogonal streams, invertible heads)", "activation", "all"),
 )
 """Rows: ``(label, align method, symmetries)``; beyond permutations, each group gets the richest class
-both granted and asked for (heads and GELU units stay permutations throughout)."""
+both traced and asked for (heads and GELU units stay permutations throughout)."""
 
 
 def measure(a: nn.Module, b: nn.Module, data: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per method: the aligned B, its curve with and without REPAIR, and timings."""
-    spec = grant(permerge.trace_graph(a, data["example"]), a)
+    spec = permerge.trace(a, data["example"])
     rows = []
     for label, method, symmetries in METHODS:
         t0 = time.perf_counter()

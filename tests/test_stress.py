@@ -115,4 +115,4 @@ def test_the_stress_zoo_is_big_enough_and_still_permutes_something():
         model = z.build().eval()
         spec = pm.trace(model, z.inputs(z.batch), example_kwargs=z.kwargs, extra_examples=z.extra(z.batch))
         moved += bool(spec.groups)
-    assert moved >= 22  # soundness must not come from freezing everything (raise as op coverage grows)
+    assert moved >= 28  # soundness must not come from freezing everything (raise as op coverage grows)

@@ -1,4 +1,4 @@
-"""Transforms beyond permutations: applied exactly, function-preserving for every granted class, validated."""
+"""Transforms beyond permutations: applied exactly, function-preserving for every traced class, validated."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import functools
 
 import pytest
 import torch
-from grants import grant
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zoo import ZOO_BY_NAME
@@ -48,7 +47,7 @@ def prepared(name: str):
                 p.add_(0.5 * torch.randn(p.shape, generator=gen))
     kwargs = z.input_kwargs
     traced = pm.trace_graph(model, inputs, example_kwargs=kwargs)
-    spec = grant(traced, model)
+    spec = traced.spec
     classes = resolve_symmetries(spec, "all")
     return model, inputs, kwargs, gauge(traced, [g for g, c in classes.items() if c in DENSE], spec), classes
 
@@ -59,8 +58,8 @@ def _with(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> torch.nn.Modul
     return out
 
 
-def test_grants_cover_every_class():
-    """The property test below is not vacuous: the zoo grants each class somewhere."""
+def test_traced_classes_cover_every_class():
+    """The property test below is not vacuous: the tracer grants each class somewhere in the zoo."""
     granted = {c for name in NAMES for c in prepared(name)[4].values()}
     assert granted == {PERMUTATION, SCALED_PERMUTATION, ORTHOGONAL, INVERTIBLE}
     assert prepared("hf_llama")[4]["model.embed_tokens.weight:1"] == ORTHOGONAL  # RMSNorm stream
@@ -73,7 +72,7 @@ def test_grants_cover_every_class():
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_transform_preserves_function(name, seed):
-    """Guarantee 1 for every class: random maps of the granted classes (gains folded) keep every output."""
+    """Guarantee 1 for every class: random maps of the traced classes (gains folded) keep every output."""
     model, inputs, kwargs, g, classes = prepared(name)
     folded = _with(model, fold_gains(g, model.state_dict()))
     transform = random_transform(g.spec, seed, keep_ones=g.keep_ones)

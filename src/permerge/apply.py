@@ -13,7 +13,7 @@ import torch
 
 from permerge.errors import SpecError
 from permerge.permutation import check_permutation
-from permerge.spec import CONSUMER, Axis, PermutationSpec
+from permerge.spec import Axis, PermutationSpec
 from permerge.transform import LinearMap, ScaledPermutation, check_transform, index_vectors
 
 __all__ = ["apply_permutation", "apply_transform", "axis_index", "map_axis", "permute_tensor"]
@@ -122,8 +122,8 @@ def apply_transform(
         for name, ax in axes:
             m = transform.get(name)
             if isinstance(m, LinearMap):
-                t = map_axis(t, ax, spec[name].size, m.inverse_transpose if ax.role == CONSUMER else m.matrix)
+                t = map_axis(t, ax, spec[name].size, m.inverse_transpose if ax.contravariant else m.matrix)
             elif isinstance(m, ScaledPermutation):
-                t = map_axis(t, ax, spec[name].size, 1.0 / m.scale if ax.role == CONSUMER else m.scale)
+                t = map_axis(t, ax, spec[name].size, 1.0 / m.scale if ax.contravariant else m.scale)
         out[key] = permute_tensor(t, axes, gathers) if axes else t
     return out

@@ -245,7 +245,7 @@ def rename_spec(spec: PermutationSpec, names: Mapping[str, Iterable[str]]) -> Pe
         for ax in members:
             for k in names.get(ax.key, (ax.key,)):
                 moved = dataclasses.replace(ax, key=k)
-                where = dataclasses.replace(moved, role=None)  # one position set, whatever reads it
+                where = dataclasses.replace(moved, role=None, dual=False)  # one position set, whatever reads it
                 if where not in seen:
                     seen.add(where)
                     out.append(moved)

@@ -27,7 +27,7 @@ from permerge.errors import SpecError
 
 __all__ = [
     "CONSUMER", "INVERTIBLE", "ORTHOGONAL", "PERMUTATION", "PRODUCER", "SCALED_PERMUTATION", "SYMMETRIES",
-    "Axis", "Frozen", "FrozenKind", "Group", "PermutationSpec",
+    "Axis", "Frozen", "FrozenKind", "Group", "PermutationSpec", "meet", "within",
 ]  # fmt: skip
 
 PRODUCER, CONSUMER = "producer", "consumer"
@@ -53,6 +53,7 @@ class Axis:
     repeat: int = 1
     stride: int = 0
     role: str | None = None  # PRODUCER / CONSUMER when traced; None in hand-written specs
+    dual: bool = False  # the key side of a query·key product (see ``contravariant``)
 
     def positions(self, n: int) -> torch.Tensor:
         """Index tensor of shape ``(repeat, n, block)``: the positions unit ``i`` occupies."""
@@ -60,6 +61,12 @@ class Axis:
         i = torch.arange(n).view(1, -1, 1) * self.block
         b = torch.arange(self.block).view(1, 1, -1)
         return self.offset + r + i + b
+
+    @property
+    def contravariant(self) -> bool:
+        """Whether a dense map ``M`` of the group acts on this axis as ``M⁻ᵀ``: a consumer, or the key
+        side of a query·key product (``dual``), which reads the query's units through a dot product."""
+        return self.role == CONSUMER or self.dual
 
     def extent(self, n: int) -> int:
         """One past the largest position this axis touches."""
@@ -72,6 +79,20 @@ SYMMETRIES = (PERMUTATION, SCALED_PERMUTATION, ORTHOGONAL, INVERTIBLE)
 (a permutation times positive per-unit scales, for ReLU-like units) and orthogonal maps are both
 invertible maps, but neither contains the other. A group's class is the largest under which every
 op touching its units is equivariant; permutations are always allowed."""
+
+_BELOW = {PERMUTATION: {PERMUTATION}, SCALED_PERMUTATION: {PERMUTATION, SCALED_PERMUTATION},
+          ORTHOGONAL: {PERMUTATION, ORTHOGONAL}, INVERTIBLE: set(SYMMETRIES)}  # fmt: skip
+
+
+def meet(a: str, b: str) -> str:
+    """The largest class contained in both ``a`` and ``b`` (orthogonal ∧ scaled permutation = permutation)."""
+    common = _BELOW[a] & _BELOW[b]
+    return next(c for c in (INVERTIBLE, ORTHOGONAL, SCALED_PERMUTATION, PERMUTATION) if c in common)
+
+
+def within(cls: str) -> frozenset[str]:
+    """The classes contained in ``cls`` (itself included)."""
+    return frozenset(_BELOW[cls])
 
 
 @dataclass(frozen=True)
@@ -226,9 +247,9 @@ class PermutationSpec:
 
     # -- views ------------------------------------------------------------------------------
     def summary(self) -> list[dict[str, object]]:
-        """One row per group: name, size, number of distinct tensors."""
+        """One row per group: name, size, number of distinct tensors, symmetry class."""
         return [
-            {"name": g.name, "size": g.size, "tensors": len({a.key for a in g.members})}
+            {"name": g.name, "size": g.size, "tensors": len({a.key for a in g.members}), "symmetry": g.symmetry}
             for g in self.groups
         ]
 
@@ -369,7 +390,7 @@ class PermutationSpec:
         return {k: tuple(v) for k, v in out.items()}
 
 
-_AXIS_DEFAULTS = {"block": 1, "offset": 0, "repeat": 1, "stride": 0, "role": None}
+_AXIS_DEFAULTS = {"block": 1, "offset": 0, "repeat": 1, "stride": 0, "role": None, "dual": False}
 _FORMAT = "permerge.spec/2"
 
 

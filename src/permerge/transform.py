@@ -40,6 +40,7 @@ from permerge.spec import (
     SYMMETRIES,
     Group,
     PermutationSpec,
+    within,
 )
 
 __all__ = [
@@ -80,8 +81,6 @@ def map_blocks(group: Group) -> int:
     return math.gcd(*(ax.repeat for ax in group.members))
 
 
-_WITHIN = {PERMUTATION: {PERMUTATION}, SCALED_PERMUTATION: {PERMUTATION, SCALED_PERMUTATION},
-           ORTHOGONAL: {PERMUTATION, ORTHOGONAL}, INVERTIBLE: set(SYMMETRIES)}  # fmt: skip
 _PREFERENCE = (INVERTIBLE, ORTHOGONAL, SCALED_PERMUTATION, PERMUTATION)
 
 
@@ -102,7 +101,7 @@ def resolve_symmetries(spec: PermutationSpec, symmetries: str | Iterable[str] = 
     if unknown:
         raise SpecError(f"unknown symmetry class(es) {unknown}; choose from 'all' or {', '.join(SYMMETRIES)}")
     wanted.add(PERMUTATION)
-    return {g.name: next(c for c in _PREFERENCE if c in wanted and c in _WITHIN[g.symmetry]) for g in spec.groups}
+    return {g.name: next(c for c in _PREFERENCE if c in wanted and c in within(g.symmetry)) for g in spec.groups}
 
 
 def index_vectors(transform: Mapping[str, object]) -> dict[str, torch.Tensor]:

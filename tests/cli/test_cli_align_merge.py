@@ -185,3 +185,45 @@ def test_model_path_keeps_checkpoint_dtypes(tmp_path, capsys):
     assert main(["align", *base, str(a), str(b), "-o", str(tmp_path / "bad")]) == 2
     assert "stores 'stem.0.weight' as torch.int8 where the model has torch.float32" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_align_symmetries_all_writes_scaled_permutations(ckpts, tmp_path, capsys):
+    """A ReLU MLP's units take positive scales: ``--symmetries all`` aligns by scaled permutations,
+    writes them to transform.safetensors, and the output still computes B's function."""
+    a, b = ckpts
+    out = tmp_path / "out"
+    assert main(["align", *MODEL, str(a), str(b), "-o", str(out), "--symmetries", "all"]) == 0
+    assert "transform.safetensors" in {p.name for p in out.iterdir()}
+    t = load_file(out / "transform.safetensors")
+    scales = [v for k, v in t.items() if k.endswith(".scale")]
+    assert len(scales) == 2 and all(bool((s > 0).all()) for s in scales)
+    assert any(not torch.allclose(s, torch.ones_like(s)) for s in scales)  # really scaled, not just permuted
+    model_b, aligned = _mlp(1), _mlp(1)
+    aligned.load_state_dict(load_file(out / "model.safetensors"))
+    x = example_input("mlp")[0]
+    with torch.no_grad():
+        assert torch.allclose(aligned(x), model_b(x), atol=1e-4, rtol=1e-4)
+    prov = __import__("json").loads((out / "provenance.json").read_text())
+    assert prov["config"]["symmetries"] == "all" and prov["report"]["class_counts"] == {"scaled_permutation": 2}
+    assert prov["report"]["function_preservation_error"] < 1e-5
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--symmetries", "affine"], "unknown symmetry class"),
+    (["--symmetries", "all", "--method", "ste", "--data", "x:y"], "--method ste aligns permutations only"),
+])  # fmt: skip
+def test_align_symmetries_refused_before_work(ckpts, tmp_path, capsys, extra, message):
+    a, b = ckpts
+    out = tmp_path / "out"
+    code = main(["align", *MODEL, str(a), str(b), "-o", str(out), *extra])
+    assert code != 0 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_align_symmetries_need_model_for_hf_dirs(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    out = tmp_path / "out"
+    assert main(["align", str(tmp_path / "a"), str(tmp_path / "b"), "-o", str(out), "--symmetries", "all"]) != 0
+    assert "--symmetries beyond permutation needs --model" in capsys.readouterr().err
+    assert not out.exists()

@@ -15,6 +15,13 @@ def test_inspect_example_prints_groups(capsys):
     out = capsys.readouterr().out
     assert "12 groups, permutable fraction 1.000" in out
     assert "stem.0.weight:0" in out and "[boundary] model output" in out
+    assert "symmetry classes: 12 permutation" in out  # BatchNorm: permutations only
+
+
+def test_inspect_shows_each_groups_symmetry_class(capsys):
+    assert main(["inspect", "mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "symmetry classes: 3 scaled_permutation" in out and out.count("scaled_permutation") == 4
 
 
 def test_inspect_json_and_save_spec(tmp_path, capsys):

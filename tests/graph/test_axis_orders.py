@@ -107,7 +107,7 @@ def test_units_on_any_axis_under_any_op_keep_the_function(op: str, k: int, d: in
 
 
 # ops whose rule does not yet pass units through when it works along *another* axis (they freeze)
-_NOT_YET_ALONG_OTHER_AXES = {"chunk_mul", "cumsum", "flip", "narrow", "roll", "sort", "strided"}
+_NOT_YET_ALONG_OTHER_AXES: set[str] = set()
 
 
 def test_an_op_along_another_axis_leaves_the_units_movable():

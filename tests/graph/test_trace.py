@@ -126,33 +126,35 @@ def test_trace_is_deterministic():
     assert pm.trace(model, x) == spec
 
 
-class _Cumsum(nn.Module):
+class _Kth(nn.Module):
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(3, 6), nn.Linear(6, 2)
 
     def forward(self, x):
-        return self.b(torch.cumsum(self.a(x), dim=-1))  # order-dependent along the channels
+        h = self.a(x)
+        return self.b(h - torch.kthvalue(h, 2, dim=-1, keepdim=True).values)  # no rule for kthvalue
 
 
 def test_unknown_op_freezes_and_is_reported():
-    model = _Cumsum().eval()
+    model = _Kth().eval()
     spec = pm.trace(model, torch.randn(4, 3))
     assert not spec.groups
-    lost = [f for f in spec.frozen if not f.boundary]  # cumsum's input space and its output space
-    assert lost and all("cumsum" in f.reason for f in lost)
+    lost = [f for f in spec.frozen if not f.boundary]  # kthvalue's input space and its output space
+    assert lost and all("kthvalue" in f.reason for f in lost)
     assert {a.key for f in lost for a in f.members} == {"a.weight", "a.bias", "b.weight"}
-    with pytest.raises(TraceError, match=r"cumsum.*register_rule"):
+    with pytest.raises(TraceError, match=r"kthvalue.*register_rule"):
         pm.trace(model, torch.randn(4, 3), strict=True)
 
 
 def test_user_rule_overrides_registry():
     from permerge.graph.rules import Call
 
-    def cumsum_is_fine(c: Call):  # wrong on purpose: shows a user rule takes precedence
-        return c.dims(c.arg(0))
+    def kth_is_a_reduction(c: Call):  # the k-th smallest of the units: invariant to their order
+        out = c.dims(c.arg(0))[:-1] + (c.non_channel(1, "reduced"),)
+        return [out, out]
 
-    spec = pm.trace(_Cumsum().eval(), torch.randn(4, 3), rules={torch.ops.aten.cumsum: cumsum_is_fine})
+    spec = pm.trace(_Kth().eval(), torch.randn(4, 3), rules={torch.ops.aten.kthvalue: kth_is_a_reduction})
     assert [g.size for g in spec.groups] == [6]
 
 

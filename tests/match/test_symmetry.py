@@ -1,4 +1,4 @@
-"""Guarantee 2 beyond permutations: a planted transform of every granted class is recovered, from weights
+"""Guarantee 2 beyond permutations: a planted transform of every traced class is recovered, from weights
 and from activations; the generalised alignment is never worse than permutations; align wires it up."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _worst(aligned: dict[str, torch.Tensor], a: dict[str, torch.Tensor], keys) -
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 def test_weight_matching_recovers_a_planted_transform(name, seed):
-    """B = T(A) for a random T of every granted class (orthogonal streams, invertible per-head maps
+    """B = T(A) for a random T of every traced class (orthogonal streams, invertible per-head maps
     with permuted heads, scaled and plain permutations): aligning B gives A's weights back."""
     model, _, _, g, _ = prepared(name)
     a = fold_gains(g, model.state_dict())
@@ -102,10 +102,8 @@ def _pair(name: str):
 def test_align_beyond_permutations(method):
     """``align(..., symmetries="all")``: same class and keys, same function as B, A's norm gains, inputs
     untouched; the result merges and interpolates like any aligned model (at α=1 it is B)."""
-    from grants import grant
-
     a, b, x, kwargs = _pair("transformer_manual_ln")
-    spec = grant(pm.trace_graph(a, x, example_kwargs=kwargs), a)
+    spec = pm.trace(a, x, example_kwargs=kwargs)
     before = {k: v.clone() for k, v in b.state_dict().items()}
     data = [(torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
     res = pm.align(a, b, x, method, spec=spec, symmetries="all", data=data if method == "activation" else None, quiet=True)
@@ -126,10 +124,8 @@ def test_align_beyond_permutations(method):
 
 
 def test_align_refuses_unsupported_requests_before_work():
-    from grants import grant
-
     a, b, x, kwargs = _pair("transformer_manual_ln")
-    spec = grant(pm.trace_graph(a, x, example_kwargs=kwargs), a)
+    spec = pm.trace(a, x, example_kwargs=kwargs)
     with pytest.raises(PermergeError, match="'ste' aligns permutations only"):
         pm.align(a, b, x, "ste", spec=spec, symmetries="all", data=[])
     with pytest.raises(PermergeError, match="needs data"):

@@ -9,6 +9,13 @@ and a model card (README.md). --emit-mergekit adds OUT/mergekit.yaml, a mergekit
 with the aligned B (run: mergekit-yaml OUT/mergekit.yaml merged/). The permutation can be applied
 to B's fine-tuned siblings and LoRA adapters with `permerge apply OUT ...`.
 
+--symmetries all (or a comma-separated list of classes) aligns, with --model and --method weight or
+activation, each group in the richest symmetry class the tracer proved (`permerge inspect` lists
+them): orthogonal residual streams, invertible per-head query·key and value·output maps, positive
+scales of ReLU units. The output keeps B's architecture and A's norm gains; OUT/transform.safetensors
+holds the dense maps (`<group>.matrix`, one per head block) and scales (`<group>.perm`, `<group>.scale`)
+beside permutation.safetensors, which then holds the groups aligned by permutations only.
+
 Without --model, A and B are Hugging Face model directories: their config.json files must agree on
 every architecture-defining field, the architecture comes from A's (built on the meta device),
 matching streams over both checkpoints one tensor at a time (--no-stream loads both into RAM), and
@@ -36,11 +43,12 @@ from permerge.errors import PermergeError, PermergeIOError, SpecError
 from permerge.hf import MERGEKIT_METHODS, is_hf_dir, mergekit_config, module_spec
 from permerge.io.outputs import OutputDir
 from permerge.io.read import file_bytes, open_checkpoint
-from permerge.io.write import parse_size, text_writer
+from permerge.io.write import parse_size, safetensors_writer, text_writer
 from permerge.pipeline import DTYPES, positive, resolve_device, resolve_dtype
 from permerge.progress import phase
 from permerge.report import write_report
 from permerge.spec import PermutationSpec
+from permerge.transform import LinearMap, ScaledPermutation, Transform, resolve_symmetries
 
 HELP = "align checkpoint B to checkpoint A (Git Re-Basin)"
 EPILOG = """examples:
@@ -64,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="package.module:function returning batches (activation/ste)")
     p.add_argument("--spec", help="use this spec JSON instead of tracing (e.g. an edited `inspect --save-spec`)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--symmetries", default="permutation", type=_symmetries, metavar="CLASSES",
+                   help="permutation (default), all, or a comma-separated list of classes (orthogonal, invertible, "
+                        "scaled_permutation): align each group in the richest class both asked for and traced (--model)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT, all of it")
     p.add_argument("--device", help="run the weight-matching cost matmuls here, e.g. cuda (LAPs stay on the CPU)")
     p.add_argument("--workers", type=int, help="threads solving independent groups' LAPs (default: one per two cores, at most 4)")
@@ -99,8 +110,37 @@ def _matcher_options(args: argparse.Namespace) -> dict[str, object]:
     return options
 
 
+def _classes(text: str) -> str | frozenset[str]:
+    return text if "," not in text else frozenset(t.strip() for t in text.split(","))
+
+
+def _symmetries(text: str) -> str:
+    """``--symmetries``: a class name, ``all``, or a comma-separated list, checked by its names."""
+    try:
+        resolve_symmetries(PermutationSpec(()), _classes(text))
+    except SpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _transform_files(transform: Transform | None) -> dict[str, object]:
+    """``transform.safetensors`` with the dense maps and scales of a transform (none for permutations)."""
+    tensors = {}
+    for name, t in (transform or {}).items():
+        if isinstance(t, LinearMap):
+            tensors[f"{name}.matrix"] = t.matrix
+        elif isinstance(t, ScaledPermutation):
+            tensors[f"{name}.perm"], tensors[f"{name}.scale"] = t.perm, t.scale
+    return {"transform.safetensors": safetensors_writer(tensors)} if tensors else {}
+
+
 def _validate(args: argparse.Namespace) -> None:
     """Every check that needs no model: runs in well under a second, before anything is loaded."""
+    if args.symmetries != "permutation" and args.model is None:
+        raise PermergeError("--symmetries beyond permutation needs --model (Hugging Face directories are aligned by "
+                            "streamed permutations)")  # fmt: skip
+    if args.symmetries != "permutation" and args.method not in ("weight", "activation"):
+        raise PermergeError(f"--method {args.method} aligns permutations only; use weight or activation with --symmetries")
     positive("--workers", args.workers, integer=True)
     positive("--max-sweeps", args.max_sweeps, integer=True)
     resolve_device(args.device)
@@ -130,8 +170,9 @@ def run(args: argparse.Namespace) -> Outcome:
             a, b = load_checkpoint(ref.model, args.a, "A"), load_checkpoint(ref.model, args.b, "B")
         res = align(a.model, b.model, ref.inputs, args.method, spec=None if spec is None else module_spec(spec, b.keys),
                     example_kwargs=ref.kwargs, data=data_from(args.data), seed=args.seed, quiet=args.quiet,
-                    **options)  # fmt: skip
+                    symmetries=_classes(args.symmetries), **options)  # fmt: skip
         files, left_out = b.result_files(res.model.state_dict(), {"permutation": res.permutation}, res.spec, hf_dir)
+        files.update(_transform_files(res.transform))
         report = {**res.report, **({"left_out": left_out} if hf_dir is not None else {})}
         if args.emit_mergekit:
             files["mergekit.yaml"] = text_writer(mergekit_config(args.a, out.out, method=args.emit_mergekit,

@@ -57,11 +57,14 @@ def run(args: argparse.Namespace) -> Outcome:
         with atomic_path(args.save_spec) as tmp:
             tmp.write_text(spec.to_json())
     data = {"command": "inspect", "model": ref.description, "permutable_fraction": fraction, **spec.to_dict()}
-    out = [f"{ref.description}: {len(spec.groups)} groups, permutable fraction {fraction:.3f}", ""]
+    classes = Counter(g.symmetry for g in spec.groups)
+    out = [f"{ref.description}: {len(spec.groups)} groups, permutable fraction {fraction:.3f}",
+           "symmetry classes: " + ", ".join(f"{n} {c}" for c, n in sorted(classes.items())) +
+           " (align --symmetries all uses the richer ones)", ""]  # fmt: skip
     rows = spec.summary()
     width = max([len(r["name"]) for r in rows] + [5])  # type: ignore[arg-type]
-    out.append(f"{'group':<{width}}  {'size':>6}  {'tensors':>7}")
-    out += [f"{r['name']:<{width}}  {r['size']:>6}  {r['tensors']:>7}" for r in rows]
+    out.append(f"{'group':<{width}}  {'size':>6}  {'tensors':>7}  symmetry")
+    out += [f"{r['name']:<{width}}  {r['size']:>6}  {r['tensors']:>7}  {r['symmetry']}" for r in rows]
     if spec.frozen:
         out += ["", "frozen (not permuted):"]
         reasons = Counter((f.reason, f.boundary) for f in spec.frozen)

@@ -20,6 +20,7 @@ from torch import nn
 from permerge.errors import TraceError
 from permerge.graph import cache as _cache
 from permerge.graph.capture import Captured, Program, as_args, capture
+from permerge.graph.classes import symmetry_classes
 from permerge.graph.groups import build_spec
 from permerge.graph.layers import Layer, find_layers
 from permerge.graph.propagate import propagate
@@ -118,7 +119,7 @@ def trace_graph(
         return traced
     caps = _capture_all(model, calls, train_mode)
     prop = propagate(caps, rules, strict)
-    spec, roots = build_spec(prop, caps[0].aliases, caps[0].state_keys)
+    spec, roots = build_spec(prop, caps[0].aliases, caps[0].state_keys, symmetry_classes(prop, caps))
     if prop.unknown:
         LOG.warning(
             "froze channels at ops without a rule: %s",

@@ -13,9 +13,10 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from permerge.errors import TraceError
+from permerge.graph.classes import Classes
 from permerge.graph.propagate import Propagation
 from permerge.graph.spaces import PROD, Spaces, Why
-from permerge.spec import CONSUMER, PRODUCER, Axis, Frozen, FrozenKind, Group, PermutationSpec
+from permerge.spec import CONSUMER, PERMUTATION, PRODUCER, Axis, Frozen, FrozenKind, Group, PermutationSpec
 
 __all__ = ["build_spec", "fit", "parts"]
 
@@ -64,10 +65,11 @@ def _name(ax: Axis, part: int, nparts: int) -> str:
 
 
 def build_spec(
-    prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_keys: tuple[str, ...]
+    prop: Propagation, aliases: Mapping[str, tuple[str, ...]], state_keys: tuple[str, ...], classes: Classes
 ) -> tuple[PermutationSpec, dict[str, int]]:
-    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches;
-    frozen ones are reported where they are boundaries or hold units (see :func:`_hidden`).
+    """Groups = live, unfrozen atomic spaces of size > 1 that some parameter axis touches, each with
+    its symmetry class; frozen ones are reported where they are boundaries or hold units (see
+    :func:`_hidden`).
 
     Returns the spec and each group's space (root id), used to find its activation sites.
     """
@@ -110,16 +112,30 @@ def build_spec(
         size = sp.size[root]
         reason = sp.frozen.get(root)
         if reason is None and size > 1 and root in live:
+            axes, symmetry = _query_key(classes, root, axes, size)
             first, part, nparts = mem[0]
             name = _name(first, part, nparts)
             while name in taken:
                 name += "'"
             taken.add(name)
-            groups.append(Group(name, size, axes))
+            groups.append(Group(name, size, axes, symmetry))
             roots[name] = root
+        elif reason is not None and size > 1 and reason.kind is FrozenKind.NON_CHANNEL and root in units:
+            # a layer's units tied to an axis that is no channel: a constant or position grid varying along them
+            frozen.append(Frozen(size, f"units meet a non-channel axis ({reason.text}): a constant, mask or position "
+                                       "grid varies along them", axes, FrozenKind.UNSUPPORTED))  # fmt: skip
         elif reason is not None and size > 1 and _hidden(reason.kind, root in units):
             frozen.append(Frozen(size, reason.text, axes, reason.kind))
     return PermutationSpec(tuple(groups), tuple(frozen)), roots
+
+
+def _query_key(classes: Classes, root: int, axes: tuple[Axis, ...], size: int) -> tuple[tuple[Axis, ...], str]:
+    """A group's members with the key side marked ``dual``, and its class: permutations where a
+    query·key group holds a member of neither projection (nothing proves its map)."""
+    sides = [classes.side(root, ax, size) for ax in axes]
+    if "other" in sides:
+        return axes, PERMUTATION
+    return tuple(dataclasses.replace(ax, dual=True) if s == "key" else ax for ax, s in zip(axes, sides)), classes(root)
 
 
 _ALWAYS = frozenset({FrozenKind.UNREACHED, FrozenKind.USER, FrozenKind.RULE_ERROR})

@@ -51,7 +51,7 @@ class Gain:
     blocked: str | None = None
 
 
-_VIEWS = {
+VIEWS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default, aten.alias.default,
     aten.contiguous.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
     aten.detach.default, aten.dropout.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
@@ -69,7 +69,7 @@ def _keeps_last_axis(user: fx.Node, width: int) -> bool:
     """Whether ``user`` maps each row along the last axis to a row, unchanged (views, casts, row picks)."""
     if _width(user) != width:
         return False
-    if user.target in _VIEWS:
+    if user.target in VIEWS:
         return True
     if user.target in _INDEXING:
         ndim = user.args[0].meta["val"].dim()

@@ -12,14 +12,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
 from permerge.graph.rules import RULES, Call, Dims, Rule, rule_for
-from permerge.graph.spaces import Spaces, Why
+from permerge.graph.spaces import Cap, Spaces, Why
 from permerge.graph.spaces import tensor_dims as _tensor_dims
-from permerge.spec import FrozenKind
+from permerge.spec import INVERTIBLE, PERMUTATION, FrozenKind, meet
 
 LOG = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class Propagation:
     values: Mapping[str, Any]  # node name → spaces of its output (activation sites)
     consumer_axes: frozenset[tuple[str, int]]  # parameter axes that read an input (linear's dim 1)
     unknown: Mapping[str, int]  # op → number of nodes frozen for lack of a rule
+    producer_axes: frozenset[tuple[str, int]] = frozenset()  # parameter axes that make an output (not read by it)
+    duals: tuple[tuple[int, str, str, int], ...] = ()  # (capture, query node, key node, space) of q·kᵀ products
 
 
 def _arg_nodes(node: fx.Node) -> list[fx.Node]:
@@ -58,10 +61,12 @@ def propagate(
     reached: set[str] = set()
     unknown: dict[str, int] = {}
     consumers: set[tuple[str, int]] = set()
+    producers: set[tuple[str, int]] = set()
+    duals: list[tuple[int, str, str, int]] = []
     live: set[int] = set()
     values: dict[str, Any] = {}
     for i, cap in enumerate(caps):
-        env = _propagate_one(cap, table, strict, spaces, param_dims, reached, unknown, consumers)
+        env = _propagate_one(i, cap, table, strict, spaces, param_dims, reached, unknown, (consumers, producers), duals)
         live |= {spaces.find(s) for v in env.values() for d in _tensor_dims(v) for s in d}
         if i == 0:
             values = {n.name: v for n, v in env.items() if n.op == "call_function"}
@@ -78,14 +83,18 @@ def propagate(
             len(unreached), ", ".join(unreached[:3]), ", …" if len(unreached) > 3 else "",
         )  # fmt: skip
     live = {spaces.find(s) for s in live}
-    return Propagation(spaces, param_dims, frozenset(live), values, frozenset(consumers), unknown)
+    return Propagation(
+        spaces, param_dims, frozenset(live), values, frozenset(consumers), unknown, frozenset(producers), tuple(duals)
+    )
 
 
 def _propagate_one(
-    cap: Captured, table: Mapping[object, Rule], strict: bool, spaces: Spaces, param_dims: dict[str, Dims],
-    reached: set[str], unknown: dict[str, int], consumers: set[tuple[str, int]],
+    i: int, cap: Captured, table: Mapping[object, Rule], strict: bool, spaces: Spaces, param_dims: dict[str, Dims],
+    reached: set[str], unknown: dict[str, int], roles: tuple[set[tuple[str, int]], set[tuple[str, int]]],
+    duals: list[tuple[int, str, str, int]],
 ) -> dict[fx.Node, Any]:  # fmt: skip
     env: dict[fx.Node, Any] = {}
+    params = {name: cap.aliases.get(key, (key,))[0] for name, key in cap.params.items()}  # node → canonical key
     for node in cap.graph.nodes:
         val = node.meta.get("val")
         if node.op == "placeholder":
@@ -114,35 +123,78 @@ def _propagate_one(
             env[node] = None
             continue
         rule = rule_for(node.target, table)
+        call = Call(node, spaces, env)
         try:
             if rule is None:
                 raise NotImplementedError("no rule")
-            env[node] = rule(Call(node, spaces, env))
+            env[node] = rule(call)
         except Exception as e:  # a rule that gives up must never leave a wrong tie behind
             env[node] = _frozen_node(node, spaces, env, e, unknown, strict)
         else:
-            consumers |= _consumer_axes(node, env, spaces, cap)
+            if node.target in _VIEWS_OF_PARAMS and node.args and getattr(node.args[0], "name", None) in params:
+                params[node.name] = params[node.args[0].name]  # Wᵀ read by a linear layer is still W
+            consumers, producers = _roles(node, env, spaces, params, param_dims)
+            roles[0].update(consumers)
+            roles[1].update(producers)
+            _bound(call, env[node], (i, node.name))
+            duals.extend((i, q.name, k.name, s) for q, k, s in call.duals)
     return env
 
 
-def _consumer_axes(node: fx.Node, env: dict[fx.Node, Any], spaces: Spaces, cap: Captured) -> set[tuple[str, int]]:
-    """Axes of the node's parameters tied to an input activation but not to its output.
+def _bound(c: Call, out: Any, where: tuple[int, str]) -> None:
+    """Bound the class of every space the node touched by what its rule allowed (permutations
+    where it said nothing)."""
+    sp = c.spaces
+    allowed: dict[int, tuple[str, str | None]] = {}
+    for s, (cls, folded) in c.allowed.items():
+        r = sp.find(s)
+        old = allowed.get(r)
+        if old is not None:
+            folded = None if old[1] is None and folded is None else meet(old[1] or old[0], folded or cls)
+            cls = meet(old[0], cls)
+        allowed[r] = (cls, folded)
+    touched = {sp.find(s) for a in _arg_nodes(c.node) for d in _tensor_dims(c.env.get(a)) for s in d}
+    touched |= {sp.find(s) for d in _tensor_dims(out) for s in d}
+    for r in touched:
+        cls, folded = allowed.get(r, (PERMUTATION, None))
+        if (cls, folded) != (INVERTIBLE, None):
+            sp.cap(r, Cap(cls, folded, where))
+
+
+def _roles(
+    node: fx.Node, env: dict[fx.Node, Any], spaces: Spaces, params: Mapping[str, str], param_dims: Mapping[str, Dims]
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+    """Axes of the node's parameters (or of views of them) tied to an input activation but not to
+    its output (consumers), and tied to its output but not to an input (producers).
 
     A linear's weight dim 1 reads the input features (consumer); dim 0 and the bias make the
-    output (producer). Partial merging (PLeaS) needs to know which is which.
+    output (producer). Partial merging (PLeaS) needs to know which is which; an axis that is both
+    (a tied embedding and output layer) can only take maps with ``M = M⁻ᵀ``.
     """
     out = {spaces.find(s) for d in _tensor_dims(env.get(node)) for s in d}
     args = _arg_nodes(node)
-    acts = {spaces.find(s) for a in args if a.name not in cap.params for d in _tensor_dims(env.get(a)) for s in d}
-    found = set()
+    acts = {spaces.find(s) for a in args if a.name not in params for d in _tensor_dims(env.get(a)) for s in d}
+    consumers, producers = set(), set()
     for a in args:
-        if a.name in cap.params:
-            key = cap.params[a.name]
-            for dim, s in enumerate(env[a]):
-                r = spaces.find(s)
+        key = params.get(a.name)
+        if key is None:
+            continue
+        roots = [spaces.find(s) for s in param_dims[key]]
+        for s in env[a] if isinstance(env.get(a), tuple) else ():
+            r = spaces.find(s)
+            for dim in (d for d, root in enumerate(roots) if root == r):
                 if r in acts and r not in out:
-                    found.add((cap.aliases.get(key, (key,))[0], dim))
-    return found
+                    consumers.add((key, dim))
+                elif r in out and r not in acts:
+                    producers.add((key, dim))
+    return consumers, producers
+
+
+_VIEWS_OF_PARAMS = {
+    torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.view.default,
+    torch.ops.aten.reshape.default, torch.ops.aten._to_copy.default, torch.ops.aten.clone.default,
+    torch.ops.aten.contiguous.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
+}  # fmt: skip
 
 
 def _frozen_node(

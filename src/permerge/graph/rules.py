@@ -6,6 +6,11 @@ returning several tensors, ``None`` for no tensor). It ties spaces that must mov
 (``union``), splits them (``refine``) and freezes what it cannot keep equivariant. An op with no
 rule freezes every space it touches — see :mod:`permerge.graph.propagate`.
 
+A rule also states which maps beyond permutations its op commutes with (``allow``; ``linear`` for
+ops linear in every space they touch): every space it touches and does not mention is bounded to
+permutations, so an op (or a user's rule) that says nothing allows only what it provably does. The
+bounds meet into each group's symmetry class in :mod:`permerge.graph.classes`.
+
 Rules are keyed by ``torch.ops.aten.<op>`` overload packets (torch.export's ATen graph), so the
 vocabulary is small; register your own with :func:`register_rule`.
 """
@@ -14,14 +19,14 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
 from permerge.graph.spaces import PROD, SUM, Spaces, Why, tensor_dims
-from permerge.spec import FrozenKind
+from permerge.spec import INVERTIBLE, ORTHOGONAL, PERMUTATION, SCALED_PERMUTATION, FrozenKind, meet
 
 __all__ = ["RULES", "Call", "Dims", "register_rule"]
 
@@ -123,6 +128,30 @@ class Call:
     node: fx.Node
     spaces: Spaces
     env: dict[fx.Node, Any]
+    allowed: dict[int, tuple[str, str | None]] = field(default_factory=dict)  # space → (class, if folded)
+    duals: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)  # (query, key, their shared space)
+
+    def allow(self, cls: str, *spaces: int, if_folded: str | None = None) -> None:
+        """State that this op commutes with maps of class ``cls`` on ``spaces`` (``if_folded``: the
+        class once the norm gain this node applies is folded into the layers reading it)."""
+        for s in spaces:
+            old = self.allowed.get(s)
+            if old is not None:
+                cls, if_folded = meet(old[0], cls), _meet_folded(old, (cls, if_folded))
+            self.allowed[s] = (cls, if_folded)
+
+    def linear(self, out: Any) -> Any:
+        """Allow every map on every space this op touches (it is linear in each); returns ``out``."""
+        args: list[fx.Node] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), args.append)
+        self.allow(INVERTIBLE, *(s for a in args for d in tensor_dims(self.env.get(a)) for s in d))
+        self.allow(INVERTIBLE, *(s for d in tensor_dims(out) for s in d))
+        return out
+
+    def dual(self, query: Any, key: Any, space: int) -> None:
+        """Record that ``query``'s and ``key``'s units in ``space`` meet in a dot product: a dense map
+        ``M`` of the query side is undone by ``M⁻ᵀ`` on the key side (see :mod:`permerge.graph.classes`)."""
+        self.duals.append((query, key, space))
 
     def arg(self, i: int, name: str | None = None, default: Any = None) -> Any:
         args, kwargs = self.node.args, self.node.kwargs
@@ -189,6 +218,23 @@ class Call:
         return Why(kind, f"{reason} at node {self.node.name} ({self.node.target})")
 
 
+def _meet_folded(a: tuple[str, str | None], b: tuple[str, str | None]) -> str | None:
+    if a[1] is None and b[1] is None:
+        return None
+    return meet(a[1] or a[0], b[1] or b[0])
+
+
+def _moves_values(rule: Rule) -> Rule:
+    """For ops that only move, copy or select values (views, slices, concatenation): linear in every
+    space they touch."""
+
+    def moves(c: Call) -> Any:
+        return c.linear(rule(c))
+
+    moves.__doc__, moves.__name__ = rule.__doc__, rule.__name__
+    return moves
+
+
 # -- elementwise -----------------------------------------------------------------------------
 
 
@@ -219,7 +265,66 @@ def broadcast(c: Call, operands: Sequence[Any]) -> Dims:
 )  # fmt: skip
 def _elementwise(c: Call) -> Dims:
     """Also the rule of every op ATen tags ``pointwise`` (see :func:`rule_for`)."""
-    return broadcast(c, list(c.node.args) + list(c.node.kwargs.values()))
+    operands = list(c.node.args) + list(c.node.kwargs.values())
+    out = broadcast(c, operands)
+    if not isinstance(out, tuple):
+        return out
+    op = rule_key(c.node.target)
+    if op is aten.copy:
+        return c.linear(out)
+    if op in (aten.add, aten.sub, aten.mul, aten.div):
+        for j, s in enumerate(out):
+            cls = _affine_class(c, op, (c.arg(0), c.arg(1)), len(out) - j)
+            if cls is not None:
+                c.allow(cls[0], s, if_folded=cls[1])
+    elif op is aten.pow and c.arg(1) == 2:
+        c.allow(ORTHOGONAL, *(out[r] for r in _norm_axes(c.node, len(out))))
+    return out
+
+
+def _carries(c: Call, a: Any, k: int) -> bool:
+    """Whether operand ``a`` varies along the output's ``k``-th axis from the right (an expanded
+    size-1 axis does not: ``x / ‖x‖.expand_as(x)``)."""
+    if not (c.is_tensor(a) and len(c.shape(a)) >= k and c.shape(a)[-k] != 1):
+        return False
+    if rule_key(a.target) in (aten.expand, aten.expand_as):
+        src = c.shape(a.args[0])
+        return len(src) >= k and src[-k] != 1
+    return True
+
+
+def _affine_class(c: Call, op: object, operands: Sequence[Any], k: int) -> tuple[str, str | None] | None:
+    """What ``add``/``sub``/``mul``/``div`` allow on the output's ``k``-th axis from the right.
+
+    A sum of values that all carry the axis (features, biases, position tables) is linear in it; so
+    is a product or quotient by something constant along it (a scalar, a per-token norm). Adding a
+    constant along the axis (``x + 1``) is not. A product of two carriers is a gate, unless one is a
+    1-D parameter: a gain, which commutes with scaled permutations, and with every map once folded.
+    """
+    tensors = [a for a in operands if c.is_tensor(a)]
+    carriers = [a for a in tensors if _carries(c, a, k)]
+    others = [a for a in operands if a not in carriers and (c.is_tensor(a) or isinstance(a, (int, float)))]
+    if op in (aten.add, aten.sub):
+        return None if others else (INVERTIBLE, None)
+    if len(carriers) == 1 and (op is aten.mul or carriers[0] is c.arg(0)):
+        return INVERTIBLE, None
+    gains = [a for a in carriers if a.op == "placeholder" and len(c.shape(a)) == 1]
+    if op is aten.mul and len(carriers) == 2 and len(gains) == 1:
+        return SCALED_PERMUTATION, INVERTIBLE
+    return None
+
+
+def _norm_axes(node: fx.Node, ndim: int) -> set[int]:
+    """The axes every reader of ``node`` (``x²``) sums or averages over: ``Σ x²`` over them is a squared
+    norm, which orthogonal maps of those axes keep (RMSNorm written out: ``x·rsqrt(mean(x², -1))``)."""
+    axes: set[int] | None = None
+    for u in node.users:
+        if rule_key(u.target) not in (aten.mean, aten.sum) or u.args[0] is not node or len(u.args) < 2:
+            return set()
+        dims = u.args[1] if isinstance(u.args[1], (list, tuple)) else [u.args[1]]
+        red = {int(d) % ndim for d in dims}
+        axes = red if axes is None else axes & red
+    return axes or set()
 
 
 @register_rule(
@@ -236,10 +341,24 @@ def _pointwise(c: Call) -> Dims | list[Dims]:
     x = c.arg(0)
     d = c.dims(x)
     if c.node.target == aten.native_dropout.default:
-        return [d, d]
+        return c.linear([d, d])
     if c.shape(x) != c.out_shape:
         return c.unsupported("a unary op changed the shape")
+    op = rule_key(c.node.target)
+    if op in _LINEAR_UNARY:
+        return c.linear(d)
+    if op in _HOMOGENEOUS:
+        c.allow(SCALED_PERMUTATION, *d)
     return d
+
+
+_LINEAR_UNARY = {
+    aten.neg, aten.dropout, aten.feature_dropout, aten.clone, aten.contiguous, aten.alias, aten.detach,
+    aten._to_copy, aten.to, aten.lift_fresh_copy, aten.type_as,
+}  # fmt: skip
+"""Unary ops linear in their input (dropout: in distribution, as every alignment method assumes)."""
+_HOMOGENEOUS = {aten.relu, aten.leaky_relu}
+"""Positively homogeneous units: ``f(s·x) = s·f(x)`` for ``s > 0``, so per-unit positive scales pass."""
 
 
 @register_rule(aten._softmax, aten.softmax, aten._log_softmax, aten.log_softmax)
@@ -274,12 +393,29 @@ def _reduce(c: Call) -> Dims | list[Dims]:
         for i, d in enumerate(xd)
     )
     out = tuple(d for d in out if d is not None)
+    _reduction_classes(c, x, xd, red)
     val = c.node.meta["val"]
     if isinstance(val, (tuple, list)):
         return [out for _ in val]
     if len(out) != len(c.out_shape):
         return c.unsupported("reduction whose axes could not be followed")
     return out
+
+
+def _reduction_classes(c: Call, x: Any, xd: Dims, red: set[int]) -> None:
+    """Sums and means are linear in the axes they keep, maxima positively homogeneous; over the
+    reduced axes, a Euclidean norm (``Σ x²``, ``‖x‖₂``) is kept by orthogonal maps."""
+    op = rule_key(c.node.target)
+    kept = [d for i, d in enumerate(xd) if i not in red]
+    reduced = [d for i, d in enumerate(xd) if i in red]
+    if op in (aten.mean, aten.sum):
+        c.allow(INVERTIBLE, *kept)
+        if isinstance(x, fx.Node) and rule_key(x.target) is aten.pow and x.args[1] == 2:
+            c.allow(ORTHOGONAL, *reduced)
+    elif op in (aten.amax, aten.amin):
+        c.allow(SCALED_PERMUTATION, *kept)
+    elif op in (aten.linalg_vector_norm, aten.norm) and c.arg(1, "ord", 2) == 2:
+        c.allow(ORTHOGONAL, *reduced)
 
 
 def _used_outputs(node: fx.Node) -> set[int]:
@@ -314,7 +450,7 @@ def _linear(c: Call) -> Dims:
     c.union(xd[-1], wd[1])
     if c.is_tensor(b):
         c.union(c.dims(b)[-1], wd[0])
-    return xd[:-1] + (wd[0],)
+    return c.linear(xd[:-1] + (wd[0],))
 
 
 def _matmul_dims(c: Call, a: Any, b: Any) -> Dims:
@@ -325,6 +461,8 @@ def _matmul_dims(c: Call, a: Any, b: Any) -> Dims:
         if t.op == "placeholder":  # a weight (GPT-2's Conv1D): its rows and columns are units
             c.units(*d[-2:])
     c.union(ad[-1], bd[-2])  # the contraction: Σ_k a_k b_k is invariant to one shared permutation
+    if a.op != "placeholder" and b.op != "placeholder":  # two activations: q·kᵀ
+        c.dual(a, b, ad[-1])
     out = c.out_shape
     batch_a, batch_b = ad[:-2], bd[:-2]
     ash, bsh = c.shape(a)[:-2], c.shape(b)[:-2]
@@ -338,7 +476,7 @@ def _matmul_dims(c: Call, a: Any, b: Any) -> Dims:
         for o in cand[1:]:
             s = c.union(s, o)
         batch.append(s)
-    return tuple(batch) + (ad[-2], bd[-1])
+    return c.linear(tuple(batch) + (ad[-2], bd[-1]))
 
 
 @register_rule(aten.matmul, aten.mm, aten.bmm)
@@ -355,7 +493,7 @@ def _addmm(c: Call) -> Dims:
         for k in range(1, len(bd) + 1):
             if bsh[-k] == c.out_shape[-k] and bsh[-k] != 1:
                 c.union(bd[-k], out[-k])
-    return out
+    return c.linear(out)
 
 
 @register_rule(aten.einsum)
@@ -395,7 +533,7 @@ def _einsum(c: Call) -> Dims:
 
 @register_rule(aten.t, aten.numpy_T)
 def _t(c: Call) -> Dims:
-    return tuple(reversed(c.dims(c.arg(0))))
+    return c.linear(tuple(reversed(c.dims(c.arg(0)))))
 
 
 # -- convolutions ----------------------------------------------------------------------------
@@ -437,7 +575,8 @@ def _conv(
     through = [not transposed and (k, s_, p) == (1, 1, 0) for k, s_, p in zip(kernel, strides, pads)]
     _mixed(c, [d for d, t in zip(xd[2:], through) if not t], "convolution kernel")
     spatial = [d if t else c.non_channel(m, "spatial axis") for d, t, m in zip(xd[2:], through, c.out_shape[2:])]
-    return (xd[0], out_ch, *spatial)
+    out = (xd[0], out_ch, *spatial)
+    return c.linear(out) if groups == 1 else out
 
 
 def _per_axis(v: Any, n: int) -> list[int]:
@@ -508,6 +647,9 @@ def _normalized(c: Call, x: Any, normalized_shape: Sequence[int], params: Sequen
             c.units(*c.dims(p))
             for pd, s in zip(c.dims(p), xd[-k:]):
                 c.union(pd, s)
+    if k == 1:  # a norm over the units commutes with orthogonal maps, a gain only once folded
+        gain = c.is_tensor(params[0]) if params else False
+        c.allow(PERMUTATION if gain else ORTHOGONAL, xd[-1], if_folded=ORTHOGONAL if gain else None)
     return xd
 
 
@@ -551,6 +693,7 @@ def _embedding(c: Call) -> Dims:
     wd = c.dims(w)
     c.units(wd[1])
     c.freeze(wd[0], "embedding rows are indexed by token ids", FrozenKind.TOKEN_ROWS)
+    c.allow(INVERTIBLE, wd[1])
     return c.dims(idx) + (wd[1],)
 
 
@@ -571,6 +714,8 @@ def _sdpa(c: Call) -> Dims:
         c.union(kv_part, kd[-3])
     batch = tuple(c.union(a, b) for a, b in zip(qd[:-3], kd[:-3]))
     out = batch + (heads, qd[-2], vd[-1])
+    c.allow(INVERTIBLE, qd[-1], vd[-1])  # per head: q·kᵀ keeps W_Q·M, W_K·M⁻ᵀ; attn·v keeps W_V·N, N⁻¹·W_O
+    c.dual(q, k, qd[-1])
     if c.is_tensor(mask):  # a mask that differs per head pins the heads (broadcast ties it)
         md, msh = c.dims(mask), c.shape(mask)
         for j in range(1, len(md) + 1):
@@ -612,12 +757,14 @@ def _reshape(c: Call, x: Any) -> Dims:
     aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.unsqueeze,
     aten.squeeze, aten._reshape_alias, aten.view_as, aten.reshape_as,
 )  # fmt: skip
+@_moves_values
 def _view(c: Call) -> Dims:
     """``view_as``/``reshape_as`` too: only the other tensor's shape matters, not its axes."""
     return _reshape(c, c.arg(0))
 
 
 @register_rule(aten.expand, aten.expand_as)
+@_moves_values
 def _expand(c: Call) -> Dims:
     """Expanded axes repeat one value, which no permutation changes: they get free, untied spaces."""
     x = c.arg(0)
@@ -630,12 +777,14 @@ def _expand(c: Call) -> Dims:
 
 
 @register_rule(aten.permute)
+@_moves_values
 def _permute(c: Call) -> Dims:
     xd = c.dims(c.arg(0))
     return tuple(xd[p % len(xd)] for p in c.arg(1))
 
 
 @register_rule(aten.transpose)
+@_moves_values
 def _transpose(c: Call) -> Dims:
     xd = list(c.dims(c.arg(0)))
     a, b = c.arg(1) % len(xd), c.arg(2) % len(xd)
@@ -644,6 +793,7 @@ def _transpose(c: Call) -> Dims:
 
 
 @register_rule(aten.select)
+@_moves_values
 def _select(c: Call) -> Dims:
     """The picked position must stay put; the positions before and after it may move among themselves."""
     x = c.arg(0)
@@ -663,6 +813,7 @@ def _slice_parts(c: Call, x: Any, dim: int, bounds: Sequence[int]) -> tuple[int,
 
 
 @register_rule(aten.slice)
+@_moves_values
 def _slice(c: Call) -> Dims:
     x = c.arg(0)
     xd, ish = c.dims(x), c.shape(x)
@@ -671,6 +822,22 @@ def _slice(c: Call) -> Dims:
     start, end, step = c.arg(2, "start"), c.arg(3, "end"), c.arg(4, "step", 1)
     start = 0 if start is None else (start + n if start < 0 else min(start, n))
     end = n if end is None else (end + n if end < 0 else min(end, n))
+    return _take(c, x, dim, start, end, step)
+
+
+@register_rule(aten.narrow)
+@_moves_values
+def _narrow(c: Call) -> Dims:
+    x = c.arg(0)
+    dim = c.arg(1) % len(c.dims(x))
+    n, start = c.shape(x)[dim], c.arg(2)
+    start = start + n if start < 0 else start
+    return _take(c, x, dim, start, start + c.arg(3), 1)
+
+
+def _take(c: Call, x: Any, dim: int, start: int, end: int, step: int) -> Dims:
+    """Positions ``start:end:step`` of axis ``dim``: a part of a sum (a strided pick freezes the axis)."""
+    xd, n = c.dims(x), c.shape(x)[dim]
     if (start, end, step) == (0, n, 1):
         return xd
     out = list(xd)
@@ -685,6 +852,7 @@ def _slice(c: Call) -> Dims:
 
 
 @register_rule(aten.split, aten.split_with_sizes, aten.chunk, aten.unsafe_split)
+@_moves_values
 def _split(c: Call) -> list[Dims]:
     x = c.arg(0)
     xd = c.dims(x)
@@ -695,6 +863,7 @@ def _split(c: Call) -> list[Dims]:
 
 
 @register_rule(aten.cat)
+@_moves_values
 def _cat(c: Call) -> Dims:
     tensors = [t for t in c.arg(0) if c.shape(t) != (0,)]
     dim = c.arg(1, "dim", 0)
@@ -711,6 +880,7 @@ def _cat(c: Call) -> Dims:
 
 
 @register_rule(aten.repeat_interleave)
+@_moves_values
 def _repeat_interleave(c: Call) -> Dims:
     """``repeats`` consecutive copies of each position: axis ⊗ copies (equal copies: a free factor)."""
     x, repeats, dim = c.arg(0), c.arg(1), c.arg(2, "dim")
@@ -746,6 +916,7 @@ def _col2im(c: Call) -> Dims:
 
 
 @register_rule(aten.stack)
+@_moves_values
 def _stack(c: Call) -> Dims:
     tensors = list(c.arg(0))
     dim = c.arg(1, "dim", 0) % len(c.out_shape)
@@ -757,6 +928,7 @@ def _stack(c: Call) -> Dims:
 
 
 @register_rule(aten.unbind)
+@_moves_values
 def _unbind(c: Call) -> list[Dims]:
     """Each position becomes its own tensor (q, k, v of a packed projection): a sum of size-1 parts."""
     x = c.arg(0)
@@ -767,6 +939,7 @@ def _unbind(c: Call) -> list[Dims]:
 
 
 @register_rule(aten.roll, aten.flip)
+@_moves_values
 def _shift(c: Call) -> Dims:
     """Rolling or flipping moves positions along its axes (freeze them); other axes pass through."""
     x = c.arg(0)
@@ -781,6 +954,54 @@ def _shift(c: Call) -> Dims:
         if shift % shape[d % len(xd)]:
             c.freeze(xd[d % len(xd)], "positions rolled or flipped along the axis")
     return xd
+
+
+@register_rule(aten.cumsum, aten.cumprod, aten.cummax, aten.cummin, aten.logcumsumexp)
+def _cumulative(c: Call) -> Dims | list[Dims]:
+    """A running sum/product/extremum mixes the positions of its axis in order (frozen); every other
+    axis passes (a running sum is linear in them)."""
+    xd = c.dims(c.arg(0))
+    _mixed(c, [xd[c.arg(1, "dim") % len(xd)]], "cumulative op")
+    if rule_key(c.node.target) is aten.cumsum:
+        c.linear(xd)
+    return [xd, xd] if isinstance(c.node.meta["val"], (tuple, list)) else xd
+
+
+@register_rule(aten.sort, aten.argsort, aten.topk)
+def _sort(c: Call) -> Dims | list[Dims]:
+    """Sorting (or picking the top k) orders the positions of its axis by value (frozen); every
+    other axis passes."""
+    xd = list(c.dims(c.arg(0)))
+    topk = rule_key(c.node.target) is aten.topk
+    dim = c.arg(2, "dim", -1) % len(xd) if topk else c.arg(1, "dim", -1) % len(xd)
+    c.freeze(xd[dim], "positions ordered by value")
+    if topk:
+        xd[dim] = c.non_channel(c.arg(1), "top-k positions")
+    out = tuple(xd)
+    return [out, out] if isinstance(c.node.meta["val"], (tuple, list)) else out
+
+
+@register_rule(aten.prelu, aten._prelu_kernel)
+def _prelu(c: Call) -> Dims:
+    """PReLU's slopes (one, or one per channel of axis 1) follow the channels."""
+    x, w = c.arg(0), c.arg(1)
+    out = _tie_channel(c, x, [w]) if c.shape(w) not in ((), (1,)) and len(c.dims(x)) > 1 else c.dims(x)
+    c.allow(SCALED_PERMUTATION, *out, *c.dims(w))  # positively homogeneous, slopes move with their channels
+    return out
+
+
+@register_rule(aten.bilinear)
+def _bilinear(c: Call) -> Dims:
+    """``y_o = Σ_ij x1_i W_oij x2_j + b_o``: each input's features tie to their axis of ``W``."""
+    x1, x2, w, b = c.arg(0), c.arg(1), c.arg(2), c.arg(3)
+    wd = c.dims(w)
+    c.units(*wd)
+    c.union(c.dims(x1)[-1], wd[1])
+    c.union(c.dims(x2)[-1], wd[2])
+    if c.is_tensor(b):
+        c.union(c.dims(b)[0], wd[0])
+    lead = tuple(c.union(a, b_) for a, b_ in zip(c.dims(x1)[:-1], c.dims(x2)[:-1]))
+    return c.linear(lead + (wd[0],))  # linear in each input
 
 
 # -- indexing: the indexed axis is read at given positions (frozen), every other axis passes ----
@@ -847,6 +1068,7 @@ def _gather(c: Call) -> Dims:
 
 
 @register_rule(aten.repeat)
+@_moves_values
 def _repeat(c: Call) -> Dims:
     xd = c.dims(c.arg(0))
     reps = list(c.arg(1))
@@ -882,7 +1104,8 @@ def _pad(c: Call) -> Dims:
         else:
             c.freeze(xd[j], "positions copied or cropped by padding")
             out[j] = c.spaces.new(c.out_shape[j], c.spaces.reason(xd[j]))
-    return tuple(out)
+    value = c.arg(3 if c.node.target.overloadpacket is aten.pad else 2, "value", 0)
+    return c.linear(tuple(out)) if constant and not value else tuple(out)
 
 
 # -- pooling and resampling (channel-first: axis 1 passes through, spatial axes are new) ------
@@ -910,6 +1133,10 @@ def _pool(c: Call) -> Dims | list[Dims]:
     keep = xd[: len(xd) - rank]
     _mixed(c, xd[len(keep) :], "pooling or resampling window")
     out = keep + c.fresh(shape[len(keep) :])
+    if "max" in str(c.node.target):  # maxima are positively homogeneous; averages, resampling linear
+        c.allow(SCALED_PERMUTATION, *xd)
+    else:
+        c.linear(out)
     if isinstance(val, (tuple, list)):  # (values, indices): indices are per channel, too
         return [out, out]
     return out
@@ -970,6 +1197,7 @@ def _rnn(c: Call) -> list[Dims]:
     aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_size, aten.sym_numel,
     aten.sym_stride, aten._assert_async, aten.sym_constrain_range_for_size,
 )  # fmt: skip
+@_moves_values
 def _no_value(c: Call) -> None:
     return None
 
@@ -988,11 +1216,13 @@ _FILLED = (
 
 @register_rule(*{t.overloadpacket for t in _FILLED})
 def _filled(c: Call) -> Dims:
-    """One value everywhere, which no permutation changes: free, untied spaces."""
-    return tuple(c.spaces.new(n) for n in c.out_shape)
+    """One value everywhere, which no permutation changes: free, untied spaces (zeros: any map)."""
+    out = tuple(c.spaces.new(n) for n in c.out_shape)
+    return c.linear(out) if rule_key(c.node.target) in (aten.zeros, aten.new_zeros) else out
 
 
 @register_rule(operator.getitem)
+@_moves_values
 def _getitem(c: Call) -> Any:
     seq, i = c.node.args
     v = c.env.get(seq)

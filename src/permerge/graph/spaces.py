@@ -26,6 +26,19 @@ from permerge.spec import FrozenKind
 SUM, PROD = "sum", "prod"
 
 
+class Cap(NamedTuple):
+    """One op's bound on the symmetry class of a space it touches (see :mod:`permerge.graph.classes`).
+
+    ``cls`` is the largest class of maps of the units the op is equivariant under; ``if_folded``, when
+    set, replaces it if the norm gain applied at ``where`` folds into the layers reading it.
+    ``where`` is ``(capture index, node name)``.
+    """
+
+    cls: str
+    if_folded: str | None
+    where: tuple[int, str]
+
+
 class Why(NamedTuple):
     """Why a space is frozen: the kind (data, see :class:`~permerge.spec.FrozenKind`) and a text."""
 
@@ -42,6 +55,7 @@ class Spaces:
     frozen: dict[int, Why] = field(default_factory=dict)
     struct: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
     units: set[int] = field(default_factory=set)  # roots holding some layer's units (see mark_units)
+    caps: dict[int, list[Cap]] = field(default_factory=dict)  # root → the ops' bounds on its class
 
     def new(self, size: int, frozen: Why | None = None) -> int:
         s = len(self.parent)
@@ -95,6 +109,16 @@ class Spaces:
             for c in st[1]:
                 self.freeze(c, reason)
 
+    def cap(self, s: int, cap: Cap) -> None:
+        """Bound the symmetry class of ``s`` (of all its parts, if refined); frozen spaces need none."""
+        r = self.find(s)
+        st = self.struct.get(r)
+        if st is not None:
+            for c in st[1]:
+                self.cap(c, cap)
+        elif r not in self.frozen:
+            self.caps.setdefault(r, []).append(cap)
+
     def mark_units(self, *spaces: int) -> None:
         """Record that ``spaces`` hold a layer's units (a linear's or conv's features, a norm's
         channels): when frozen, they are hidden symmetries lost. Frozen spaces that never meet
@@ -147,6 +171,9 @@ class Spaces:
             return tuple(self.new(z, reason) for z in sizes)
         children = tuple(self.new(z) for z in sizes)
         self.struct[r] = (kind, children)
+        for cap in self.caps.pop(r, ()):
+            for c in children:
+                self.cap(c, cap)
         reason = self.frozen.pop(r, None)
         if reason is not None:
             for c in children:
@@ -189,6 +216,7 @@ class Spaces:
         if other in self.units:
             self.units.discard(other)
             self.units.add(root)
+        moved = self.caps.pop(other, [])
         sr, so = self.struct.pop(root, None), self.struct.pop(other, None)
         fr, fo = self.frozen.pop(root, None), self.frozen.pop(other, None)
         if sr is not None:
@@ -198,6 +226,11 @@ class Spaces:
                     self.union(x, y)
         elif so is not None:
             self.struct[root] = so
+        for cap in moved:
+            self.cap(root, cap)
+        if self.struct.get(root) is not None and root in self.caps:  # root's own bounds hold for its parts
+            for cap in self.caps.pop(root):
+                self.cap(root, cap)
         reason = fr if fr is not None else fo
         if reason is not None:
             self.freeze(root, reason)

@@ -337,7 +337,7 @@ class _TransformCosts(_Costs):
         mom = Moments.zeros(k, group.size)
         for ax in group.members:
             x, y = (block_rows(t[ax.key], ax, group.size, k) for t in (self.a, self.b))
-            mom.add(x, y, ax.role == CONSUMER)
+            mom.add(x, y, ax.contravariant)
         blocks = source_blocks(self.spec, g, k, self.gathers(), self.shapes) if k > 1 else [0]
         whole = lambda step: step @ self.maps[g][blocks]  # noqa: E731
         return solve_dense(g, cls, mom, g in self.keep_ones, self.opts, whole)
@@ -355,7 +355,7 @@ class _TransformCosts(_Costs):
             self.maps[g][blocks] = step @ self.maps[g][blocks]
             inv_t = torch.linalg.inv(step).transpose(1, 2)
             for ax in group.members:
-                self.b[ax.key] = map_axis(self.b[ax.key], ax, group.size, inv_t if ax.role == CONSUMER else step)
+                self.b[ax.key] = map_axis(self.b[ax.key], ax, group.size, inv_t if ax.contravariant else step)
         else:
             q, s = step  # position i takes the current unit q[i], times s[i]
             cur = self.scaled[g]
@@ -365,7 +365,7 @@ class _TransformCosts(_Costs):
             self.scaled[g] = ScaledPermutation(perm, scale)
             for ax in group.members:
                 t = permute_tensor(self.b[ax.key], ((g, ax),), {g: q})
-                self.b[ax.key] = map_axis(t, ax, group.size, 1.0 / s if ax.role == CONSUMER else s)
+                self.b[ax.key] = map_axis(t, ax, group.size, 1.0 / s if ax.contravariant else s)
             self.perm[g] = perm
         for key in group.keys:
             for h, _ in self.spec.axes_of(key):
@@ -377,7 +377,7 @@ class _TransformCosts(_Costs):
         """Balanced rows, one assignment, scales carrying B's balance onto A's (position space)."""
         group = self.spec[g]
         n = group.size
-        rows = {side: [(block_rows(t[ax.key], ax, n, 1)[0].double(), ax.role == CONSUMER) for ax in group.members]
+        rows = {side: [(block_rows(t[ax.key], ax, n, 1)[0].double(), ax.contravariant) for ax in group.members]
                 for side, t in (("a", self.a), ("b", self.b))}  # fmt: skip
         bal = {side: _balance(r) for side, r in rows.items()}
         cost = torch.zeros(n, n, dtype=torch.float64)
@@ -427,7 +427,7 @@ def head_cost(spec: PermutationSpec, g: str, partners: list[str], a: Mapping[str
 def _invariants(group: Any, sd: Mapping[str, torch.Tensor], heads: int) -> torch.Tensor:
     """``(heads, -1)``: per head, ``Xᵀ·Y`` for every covariant member ``X`` and contravariant member
     ``Y`` of ``group`` (unchanged by any invertible map of the head's units), flattened."""
-    rows = [(block_rows(sd[ax.key], ax, group.size, heads).float(), ax.role == CONSUMER) for ax in group.members]
+    rows = [(block_rows(sd[ax.key], ax, group.size, heads).float(), ax.contravariant) for ax in group.members]
     parts = [torch.bmm(x.transpose(1, 2), y).reshape(heads, -1) for x, cx in rows if not cx for y, cy in rows if cy]
     return torch.cat(parts, dim=1)
 
@@ -698,7 +698,7 @@ def _usable_sites(traced: Traced, spec: PermutationSpec, g: str) -> list[tuple[A
             if ax.key != layer.weight:
                 continue
             if ax.dim == layer.weight_dim:
-                node, dim, contra = layer.node, layer.channel_dim, ax.role == CONSUMER
+                node, dim, contra = layer.node, layer.channel_dim, ax.contravariant
             elif ax.dim == (1 if layer.op == CONV else 1 - layer.weight_dim) and layer.input is not None:
                 node, dim, contra = layer.input, (1 if layer.op == CONV else -1), False
             else:

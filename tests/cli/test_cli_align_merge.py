@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -121,7 +122,7 @@ def test_interrupted_write_leaves_no_output(ckpts, tmp_path, monkeypatch, capsys
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is main()'s only
 
 
-@pytest.mark.parametrize("method", ["weight", "many", "average"])
+@pytest.mark.parametrize("method", ["weight", "many", "c2m3", "average"])
 def test_merge_methods(ckpts, tmp_path, capsys, method):
     a, b = ckpts
     out = tmp_path / method
@@ -130,6 +131,15 @@ def test_merge_methods(ckpts, tmp_path, capsys, method):
     merged = load_file(out / "model.safetensors")
     assert set(merged) == set(_mlp(0).state_dict())
     assert len(list(out.glob("permutation_*.safetensors"))) == (3 if method != "average" else 0)
+
+
+def test_merge_many_round_limit_is_reported(ckpts, tmp_path):
+    a, b = ckpts
+    out = tmp_path / "many"
+    with pytest.warns(UserWarning, match="MergeMany stopped after max_rounds=1"):
+        assert main(["merge", *MODEL, str(a), str(b), str(a), "--method", "many", "--max-rounds", "1", "-o", str(out)]) == 0
+    report = json.loads((out / "provenance.json").read_text())["report"]
+    assert report["rounds"] == 1 and report["converged"] is False and report["objective_after"] >= report["objective_before"]
 
 
 def test_merge_errors(ckpts, tmp_path, capsys):

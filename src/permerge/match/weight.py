@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,7 +44,7 @@ from permerge.spec import Axis, Group, PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["WeightMatchingResult", "weight_matching"]
+__all__ = ["WeightMatchingResult", "check_matchable", "weight_matching"]
 
 _CACHE_BYTES = 1 << 30
 """Memory for cached per-tensor cost terms; terms beyond it are recomputed at every visit."""
@@ -125,7 +125,7 @@ def weight_matching(
         True
     """
     start = time.perf_counter()
-    _validate(spec, sd_a, sd_b)
+    check_matchable(spec, [sd_a, sd_b], ["A", "B"])
     backend = lap.resolve_backend(backend)
     workers = resolve_workers(workers)
     dev = torch.device("cpu" if device is None else device)
@@ -466,7 +466,8 @@ def _objectives(
     return per_group, sum(dots.values())
 
 
-def _validate(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> None:
-    """Raise before any work is done (:func:`permerge.check.check_compatible`; values: the spec's tensors)."""
-    check_compatible([sd_a, sd_b], ["A", "B"], spec=spec, finite=False)
-    check_compatible([{k: sd_a[k] for k in spec.keys}, {k: sd_b[k] for k in spec.keys}], ["A", "B"])
+def check_matchable(spec: PermutationSpec, state_dicts: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> None:
+    """Raise before any work unless ``state_dicts`` can be matched under ``spec``
+    (:func:`permerge.check.check_compatible`; values: the spec's tensors must be finite)."""
+    check_compatible(state_dicts, names, spec=spec, finite=False)
+    check_compatible([{k: sd[k] for k in spec.keys} for sd in state_dicts], names)

@@ -21,7 +21,7 @@ from permerge.errors import PermergeError
 from permerge.graph import trace
 from permerge.match import activation_matching, weight_matching
 from permerge.merge import check_merge_weights, merge
-from permerge.merge.many import merge_many
+from permerge.merge.many import c2m3_merge, merge_many
 from permerge.merge.partial import Budget, partial_merge
 from permerge.merge.pleas import pleas
 from permerge.merge.zipit import zipit
@@ -86,8 +86,14 @@ def _weight(req: MergeRequest) -> _Merged:
 
 def _many(req: MergeRequest) -> _Merged:
     spec = _spec(req)
-    res = merge_many(req.models, spec=spec, seed=req.seed)
-    return _Merged(res.merged, res.permutations, spec, {"rounds": res.rounds, "converged": res.converged})  # type: ignore[arg-type]
+    res = merge_many(req.models, spec=spec, seed=req.seed, **req.options)
+    return _Merged(res.merged, res.permutations, spec, res.report())  # type: ignore[arg-type]
+
+
+def _c2m3(req: MergeRequest) -> _Merged:
+    spec = _spec(req)
+    res = c2m3_merge(req.models, spec=spec, seed=req.seed, quiet=req.quiet, **req.options)
+    return _Merged(res.merged, res.permutations, spec, res.report())  # type: ignore[arg-type]
 
 
 def _average(req: MergeRequest) -> _Merged:
@@ -138,21 +144,24 @@ def _zipit(req: MergeRequest) -> _Merged:
 METHODS: dict[str, Callable[[MergeRequest], _Merged]] = {
     "weight": _weight,
     "many": _many,
+    "c2m3": _c2m3,
     "average": _average,
     "partial": _partial,
     "pleas": _pleas,
     "zipit": _zipit,
 }
 """Merge method name → function. ``weight``: weight-match every model to the first, then average
-with ``weights``; ``many``: MergeMany (align each to the mean of the others until stable), uniform;
-``average``: no alignment (the naive baseline); ``partial`` (2 models): align B to A (activation
+with ``weights``; ``many``: MergeMany (align each to the mean of the others until the objective
+stops rising; options ``max_rounds``, ``tol``), uniform; ``c2m3``: C2M3 (cycle-consistent
+Frank–Wolfe matching of all models at once, refined by MergeMany rounds; options ``max_iter``,
+``fw_tol``, ``refine``, ``max_rounds``, ``tol``), uniform; ``average``: no alignment (the naive baseline); ``partial`` (2 models): align B to A (activation
 matching on ``data``, else weight matching) and merge partially within ``budget``; ``pleas`` (2
 models, needs ``data``): PLeaS; ``zipit`` (2+ models, needs ``data``): ZipIt! (features merged within
 and across models, budget in [1, N], options ``alpha``, ``beta``, ``depth``, ``batches``). The last
 three return a wider model and its ``architecture``."""
 
 _TWO_MODELS = frozenset({"partial", "pleas"})
-_UNIFORM = frozenset({"many", "partial", "pleas", "zipit"})
+_UNIFORM = frozenset({"many", "c2m3", "partial", "pleas", "zipit"})
 
 
 def check_merge_request(method: str, n_models: int, *, weights: Sequence[float] | None, budget: Budget,

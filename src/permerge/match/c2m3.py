@@ -42,7 +42,7 @@ from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["C2M3Result", "c2m3_matching", "pairwise", "universe_objective"]
+__all__ = ["C2M3Result", "c2m3_matching", "gradient", "pairwise", "universe_objective"]
 
 Relaxed = dict[str, torch.Tensor]  # group → (n, n) doubly stochastic matrix
 
@@ -114,7 +114,7 @@ def c2m3_matching(
     objectives: list[float] = []
     converged, it = False, 0
     for it in tqdm(range(1, max_iter + 1), desc="C2M3", disable=quiet or not sys.stderr.isatty()):
-        value, grads = _gradient(spec, thetas, relaxed)
+        value, grads = gradient(spec, thetas, relaxed)
         vertex = [{g: as_matrix(lap.solve(gr, backend=backend), dtype) for g, gr in grad.items()} for grad in grads]
         gap = sum(float((grad[g] * (v[g] - r[g])).sum()) for grad, v, r in zip(grads, vertex, relaxed[1:]) for g in grad)
         step, new = _line_search(spec, thetas, relaxed, vertex, degree, value)
@@ -175,7 +175,7 @@ def _start(spec: PermutationSpec, free: list, n: int, init: Sequence[Mapping[str
     return [{}] + [{g.name: as_matrix(p.get(g.name, torch.arange(g.size)), dtype) for g in free} for p in init[1:]]
 
 
-def _gradient(spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]],
+def gradient(spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]],
               relaxed: list[Relaxed]) -> tuple[float, list[dict[str, torch.Tensor]]]:  # fmt: skip
     """``f`` and its gradient with respect to every free model's relaxed matrices."""
     leaves = [{g: m.detach().requires_grad_(True) for g, m in r.items()} for r in relaxed]

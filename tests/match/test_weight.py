@@ -333,3 +333,22 @@ def test_parallel_restarts_give_the_sequential_result():
     assert all(torch.equal(seq.permutation[g], par.permutation[g]) for g in spec.names)
     with pytest.raises(ValueError, match="restarts must be >= 1"):
         weight_matching(spec, sd_a, sd_b, restarts=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet20", "transformer_torch"])
+def test_annealed_start_recovers_planted_permutation(name):
+    model, _, _, spec = traced(name)
+    sd_a = model.state_dict()
+    sd_b = pm.apply_permutation(spec, pm.random_permutation(spec, 4), sd_a)
+    res = weight_matching(spec, sd_a, sd_b, init="anneal", quiet=True)
+    aligned = pm.apply_permutation(spec, res.permutation, sd_b)
+    assert [k for k in sd_a if not torch.equal(aligned[k], sd_a[k])] == []
+
+
+def test_annealed_start_is_deterministic_and_checked():
+    spec, sd_a, sd_b = _two_models("mlp")
+    one, two = (weight_matching(spec, sd_a, sd_b, init="anneal", quiet=True) for _ in range(2))
+    assert all(torch.equal(one.permutation[g], two.permutation[g]) for g in spec.names)
+    assert one.total_after > one.total_before
+    with pytest.raises(ValueError, match="init must be a permutation, None or 'anneal'"):
+        weight_matching(spec, sd_a, sd_b, init="annealing")

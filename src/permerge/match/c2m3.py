@@ -35,16 +35,15 @@ import torch
 from tqdm.auto import tqdm
 
 from permerge.match import lap
-from permerge.match.soft import as_matrix, soft_apply
+from permerge.match.soft import Relaxed, as_matrix, gradient, universe_objective
 from permerge.match.weight import check_matchable
 from permerge.permutation import Permutation, check_permutation, compose, identity, inverse
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["C2M3Result", "c2m3_matching", "gradient", "pairwise", "universe_objective"]
+__all__ = ["C2M3Result", "c2m3_matching", "pairwise"]
 
-Relaxed = dict[str, torch.Tensor]  # group → (n, n) doubly stochastic matrix
 
 
 @dataclass(frozen=True)
@@ -150,18 +149,6 @@ def pairwise(permutations: Sequence[Mapping[str, torch.Tensor]], i: int, j: int)
     return compose(inverse(permutations[i]), permutations[j])
 
 
-def universe_objective(
-    spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]], relaxed: Sequence[Mapping[str, torch.Tensor]]
-) -> torch.Tensor:
-    """``Σ_{i<j} ⟨π_i θ_i, π_j θ_j⟩`` over the spec's tensors, with (relaxed) matrices ``relaxed[i]``."""
-    mapped = [soft_apply(spec, r, t) for r, t in zip(relaxed, thetas)]
-    total = torch.zeros((), dtype=torch.float64)
-    for k in spec.keys:
-        s = sum(m[k] for m in mapped)
-        total = total + 0.5 * (s.double().square().sum() - sum(m[k].double().square().sum() for m in mapped))
-    return total
-
-
 def _start(spec: PermutationSpec, free: list, n: int, init: Sequence[Mapping[str, torch.Tensor]] | None,
            dtype: torch.dtype) -> list[Relaxed]:  # fmt: skip
     if init is None:
@@ -173,15 +160,6 @@ def _start(spec: PermutationSpec, free: list, n: int, init: Sequence[Mapping[str
     if any(not torch.equal(p[g.name], torch.arange(g.size)) for g in free if g.name in init[0] for p in init[:1]):
         raise ValueError("init[0] must be the identity: model 0's basis is the universe")
     return [{}] + [{g.name: as_matrix(p.get(g.name, torch.arange(g.size)), dtype) for g in free} for p in init[1:]]
-
-
-def gradient(spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]],
-              relaxed: list[Relaxed]) -> tuple[float, list[dict[str, torch.Tensor]]]:  # fmt: skip
-    """``f`` and its gradient with respect to every free model's relaxed matrices."""
-    leaves = [{g: m.detach().requires_grad_(True) for g, m in r.items()} for r in relaxed]
-    f = universe_objective(spec, thetas, leaves)
-    f.backward()
-    return f.item(), [{g: m.grad for g, m in r.items()} for r in leaves[1:]]  # type: ignore[misc]
 
 
 def _line_search(spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]], relaxed: list[Relaxed],

@@ -26,8 +26,8 @@ R = TypeVar("R")
 
 
 def restart_start(
-    spec: PermutationSpec, attempt: int, seed: int, init: Mapping[str, torch.Tensor] | None
-) -> Mapping[str, torch.Tensor] | None:
+    spec: PermutationSpec, attempt: int, seed: int, init: Mapping[str, torch.Tensor] | str | None
+) -> Mapping[str, torch.Tensor] | str | None:
     """The start of attempt ``attempt``: ``init`` for attempt 0, then the identity and seeded random
     permutations in turn."""
     if attempt == 0:

@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.match import lap
-from permerge.match.c2m3 import gradient
 from permerge.match.learned import Batch, PathLoss, Selection, batches_of, cycle, pair
-from permerge.match.soft import as_matrix, sinkhorn, soft_apply
+from permerge.match.soft import as_matrix, gradient, sinkhorn, soft_apply
 from permerge.match.weight import weight_matching
 from permerge.permutation import Permutation
 from permerge.spec import PermutationSpec

@@ -17,13 +17,16 @@ them and the gradient is that of the converged matrix.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from permerge.spec import Axis, PermutationSpec
 
-__all__ = ["as_matrix", "soft_apply", "soft_permute_tensor", "sinkhorn"]
+Relaxed = dict[str, torch.Tensor]
+"""Group → ``(n, n)`` matrix (doubly stochastic, or a permutation's 0/1 matrix)."""
+
+__all__ = ["Relaxed", "as_matrix", "gradient", "sinkhorn", "soft_apply", "soft_permute_tensor", "universe_objective"]
 
 
 def as_matrix(p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -67,6 +70,31 @@ def soft_apply(
 ) -> dict[str, torch.Tensor]:
     """The spec's tensors of ``sd`` mixed by ``mats`` (tensors no group touches are left out)."""
     return {k: soft_permute_tensor(sd[k], spec.axes_of(k), mats) for k in spec.keys}
+
+
+def universe_objective(
+    spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]], relaxed: Sequence[Mapping[str, torch.Tensor]]
+) -> torch.Tensor:
+    """``Σ_{i<j} ⟨π_i θ_i, π_j θ_j⟩`` over the spec's tensors, with (relaxed) matrices ``relaxed[i]``
+    (groups without one are not moved); for two models and ``relaxed = [{}, P]`` it is weight
+    matching's objective ``⟨θ_A, P·θ_B⟩``. Summed in float64."""
+    mapped = [soft_apply(spec, r, t) for r, t in zip(relaxed, thetas)]
+    total = torch.zeros((), dtype=torch.float64)
+    for k in spec.keys:
+        s = sum(m[k] for m in mapped)
+        total = total + 0.5 * (s.double().square().sum() - sum(m[k].double().square().sum() for m in mapped))
+    return total
+
+
+def gradient(spec: PermutationSpec, thetas: Sequence[Mapping[str, torch.Tensor]],
+             relaxed: Sequence[Relaxed]) -> tuple[float, list[dict[str, torch.Tensor]]]:  # fmt: skip
+    """:func:`universe_objective` and its gradient with respect to the matrices of models 1.. (model
+    0 is the reference). For two models the gradient for group ``g`` is weight matching's cost
+    matrix ``C[i, j] = ⟨A's unit i, B's unit j⟩`` with the other groups mixed as given."""
+    leaves = [{g: m.detach().requires_grad_(True) for g, m in r.items()} for r in relaxed]
+    f = universe_objective(spec, thetas, leaves)
+    f.backward()
+    return f.item(), [{g: m.grad for g, m in r.items()} for r in leaves[1:]]  # type: ignore[misc]
 
 
 class _Sinkhorn(torch.autograd.Function):

@@ -38,6 +38,7 @@ import torch
 from permerge.apply import axis_index, permute_tensor
 from permerge.check import check_compatible
 from permerge.match import lap
+from permerge.match.anneal import annealed_start
 from permerge.match.restarts import best_of, restart_start
 from permerge.permutation import Permutation, check_permutation, identity
 from permerge.progress import DELAY_S, progress
@@ -89,7 +90,7 @@ def weight_matching(
     *,
     seed: int = 0,
     max_sweeps: int = 100,
-    init: Mapping[str, torch.Tensor] | None = None,
+    init: Mapping[str, torch.Tensor] | str | None = None,
     restarts: int = 1,
     backend: str = "auto",
     tol: float = 1e-12,
@@ -104,8 +105,10 @@ def weight_matching(
         sd_a, sd_b: state dicts with the same keys and shapes; neither is modified.
         seed: seeds the order in which groups are visited each sweep.
         max_sweeps: stop after this many sweeps even if the last one still changed something.
-        init: starting permutation (groups it omits start at the identity); by default the better
-            of the identity and a signature match (see the module docstring).
+        init: starting permutation (groups it omits start at the identity); ``"anneal"`` for the
+            annealed Sinkhorn-relaxed start (:mod:`permerge.match.anneal`: slower, finds better
+            optima on deep nets); by default the better of the identity and a signature match (see
+            the module docstring).
         restarts: run the descent this many times and keep the highest objective: attempt 0 is
             the run above, attempt ``i`` visits in seed ``seed + i``'s order from the identity or a
             random permutation (:mod:`permerge.match.restarts`); never worse than one run.
@@ -134,6 +137,8 @@ def weight_matching(
     """
     start = time.perf_counter()
     check_matchable(spec, [sd_a, sd_b], ["A", "B"])
+    if isinstance(init, str) and init != "anneal":
+        raise ValueError(f"init must be a permutation, None or 'anneal', got {init!r}")
     backend = lap.resolve_backend(backend)
     workers = resolve_workers(workers)
     dev = torch.device("cpu" if device is None else device)
@@ -274,15 +279,18 @@ def _start(
     spec: PermutationSpec,
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
-    init: Mapping[str, torch.Tensor] | None,
+    init: Mapping[str, torch.Tensor] | str | None,
     backend: str,
     total_identity: float,
 ) -> tuple[Permutation, dict[str, torch.Tensor]]:
-    """``init`` if given, else the better of the identity and the signature match; and B permuted by it."""
+    """The start ``init`` names (None: the better of the identity and the signature match); and B
+    permuted by it."""
     perm = identity(spec)
-    if init is not None:
-        check_permutation(spec, init)
-        perm.update({k: v.long().cpu() for k, v in init.items()})
+    if init == "anneal":
+        perm = annealed_start(spec, a, b, backend=backend)
+    elif init is not None:
+        check_permutation(spec, init)  # type: ignore[arg-type]
+        perm.update({k: v.long().cpu() for k, v in init.items()})  # type: ignore[union-attr]
     else:
         perm = signature_match(spec, a, b, backend)
     b_perm = {k: _copy_of(permute_tensor(b[k], spec.axes_of(k), perm), b[k]) for k in spec.keys}

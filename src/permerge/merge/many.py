@@ -36,7 +36,8 @@ from torch import nn
 
 from permerge.apply import apply_permutation
 from permerge.graph import trace
-from permerge.match.c2m3 import c2m3_matching, universe_objective
+from permerge.match.c2m3 import c2m3_matching
+from permerge.match.soft import universe_objective
 from permerge.match.weight import weight_matching
 from permerge.merge import check_same_architecture, merge, state_dict_of
 from permerge.permutation import Permutation, check_permutation, compose, identity, is_identity

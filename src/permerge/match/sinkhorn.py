@@ -24,7 +24,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,7 @@ def sinkhorn_matching(
     tau: tuple[float, float] = (0.5, 0.02),
     checkpoints: int = 5,
     sinkhorn_iters: int = 20,
+    init: Mapping[str, torch.Tensor] | str | None = None,
     seed: int = 0,
     backend: str = "auto",
     batch_fn: Callable[[Any], Batch] = pair,
@@ -105,6 +106,8 @@ def sinkhorn_matching(
             off the scores and scored.
         sinkhorn_iters: Sinkhorn iterations per step at most (stopping early once every row sums to
             1 within 1e-3); 20, as in the paper.
+        init: weight matching's start for the first permutation (see
+            :func:`~permerge.match.weight.weight_matching`; ``"anneal"`` for its annealed start).
         seed: seeds weight matching, the batch order and the random ``α``.
         backend: LAP backend for the rounding, see :func:`permerge.match.lap.solve`.
         batch_fn: turns a batch into ``(inputs, targets)``.
@@ -122,10 +125,10 @@ def sinkhorn_matching(
     param_spec = spec.restricted_to(k for k in spec.keys if k in params and sd_b[k].is_floating_point())
     path = PathLoss(model_a, loss_fn)
     selection = Selection(spec, sd_b, path, train[:select_batches])
-    init = weight_matching(spec, path.sd_a, sd_b, seed=seed, backend=backend, quiet=True).permutation
-    selection.consider(init)
-    fixed = apply_permutation(spec, init, sd_b)  # buffers: train-mode BN ignores them, the rest is soft
-    scores = _start(param_spec, path.sd_a, sd_b, init)
+    start_perm = weight_matching(spec, path.sd_a, sd_b, seed=seed, init=init, backend=backend, quiet=True).permutation
+    selection.consider(start_perm)
+    fixed = apply_permutation(spec, start_perm, sd_b)  # buffers: train-mode BN ignores them, the rest is soft
+    scores = _start(param_spec, path.sd_a, sd_b, start_perm)
     opt = torch.optim.Adam(scores.values(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     order = cycle(train, seed)
@@ -143,7 +146,7 @@ def sinkhorn_matching(
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"Sinkhorn matching: loss became {losses[-1]} at step {step}; lower lr")
         if step in marks:
-            selection.consider({**init, **{g: lap.solve(s.detach(), backend=backend) for g, s in scores.items()}})
+            selection.consider({**start_perm, **{g: lap.solve(s.detach(), backend=backend) for g, s in scores.items()}})
         LOG.debug("Sinkhorn step %d (tau %.3g): loss %.4f", step, t, losses[-1])
     assert selection.best is not None, "the weight-matching start is always scored"
     LOG.info("Sinkhorn: %d steps, %d permutations scored, selection loss %.4f (weight matching's %.4f)", steps,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,7 @@ def ste_matching(
     batches: int | None = None,
     select_batches: int = 4,
     alpha: float | None = 0.5,
+    init: Mapping[str, torch.Tensor] | str | None = None,
     seed: int = 0,
     batch_fn: Callable[[Any], Batch] = pair,
     quiet: bool = False,
@@ -91,6 +92,8 @@ def ste_matching(
         select_batches: the first this many of those batches score the candidate permutations.
         alpha: the point of the path trained on (``½``: the midpoint), or None for a uniformly
             random one per step.
+        init: weight matching's start for the first permutation (see
+            :func:`~permerge.match.weight.weight_matching`; ``"anneal"`` for its annealed start).
         seed: seeds weight matching's visit order and the batch order.
         batch_fn: turns a batch into ``(inputs, targets)``.
         quiet: hide the progress bar (shown only when stderr is a terminal).
@@ -105,7 +108,7 @@ def ste_matching(
     param_spec = spec.restricted_to(trainable)
     path = PathLoss(model_a, loss_fn)
     selection = Selection(spec, sd_b, path, train[:select_batches])
-    perm = weight_matching(spec, path.sd_a, sd_b, seed=seed, quiet=True).permutation
+    perm = weight_matching(spec, path.sd_a, sd_b, seed=seed, init=init, quiet=True).permutation
     selection.consider(perm)
     tilde = {k: path.sd_a[k].clone().float().requires_grad_(True) for k in trainable}  # θ̃ starts at θ_A
     opt = torch.optim.Adam(tilde.values(), lr=lr)

@@ -26,7 +26,9 @@ from torch import nn
 from torch.func import functional_call
 
 from permerge.apply import apply_permutation
+from permerge.batches import as_call, call_kwargs, inputs_of, targets_of
 from permerge.errors import PermergeError
+from permerge.evaluate import logits
 from permerge.permutation import Permutation
 from permerge.spec import PermutationSpec
 
@@ -36,10 +38,11 @@ Batch = tuple[Any, Any]
 
 
 def pair(batch: Any) -> Batch:
-    """``(inputs, targets)`` of a batch given as a tuple or list."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise PermergeError("learned matching needs (inputs, targets) batches to compute a loss")
+    """``(inputs, targets)`` of a batch (:mod:`permerge.batches`); an error if it has no targets."""
+    targets = targets_of(batch)
+    if targets is None:
+        raise PermergeError("learned matching needs (inputs, targets) batches to compute a loss")
+    return inputs_of(batch), targets
 
 
 def batches_of(data: Iterable[Any], batches: int | None, batch_fn: Callable[[Any], Batch]) -> list[Batch]:
@@ -60,16 +63,6 @@ def cycle(batches: list[Batch], seed: int) -> Iterator[Batch]:
             yield batches[i]
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping) and "logits" in out:
-        return out["logits"]
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0]
-
-
 class PathLoss:
     """``loss_fn`` of A's architecture at ``(1-α)·θ_A + α·θ_B'`` for a given ``θ_B'`` (a full state dict)."""
 
@@ -77,14 +70,16 @@ class PathLoss:
         self.net = copy.deepcopy(model_a).train()
         self.sd_a = {k: v.detach() for k, v in model_a.state_dict().items()}
         self.loss_fn = loss_fn
+        self.kwargs = call_kwargs(model_a)
 
     def __call__(self, theta_b: Mapping[str, torch.Tensor], batch: Batch, alpha: float) -> torch.Tensor:
         point = {
             k: (1 - alpha) * a + alpha * theta_b[k] if a.is_floating_point() else a.clone()  # fresh: BN writes into it
             for k, a in self.sd_a.items()
         }
-        x, y = batch
-        return self.loss_fn(_logits(functional_call(self.net, point, (x,))), y)
+        inputs, targets = batch
+        args, kwargs = as_call(inputs, self.kwargs)
+        return self.loss_fn(logits(functional_call(self.net, point, args, kwargs)), targets)
 
 
 class Selection:

@@ -79,7 +79,7 @@ def sinkhorn_matching(
     batches: int | None = None,
     select_batches: int = 4,
     alpha: float | None = None,
-    tau: tuple[float, float] = (0.5, 0.02),
+    tau: tuple[float, float] = (0.5, 0.05),
     checkpoints: int = 5,
     sinkhorn_iters: int = 20,
     init: Mapping[str, torch.Tensor] | str | None = None,

@@ -124,7 +124,9 @@ class _Sinkhorn(torch.autograd.Function):
         eye = torch.eye(n, dtype=p.dtype, device=p.device)
         k = torch.cat([torch.cat([eye, p], 1), torch.cat([p.T, eye], 1)], 0)[:-1, :-1]
         rhs = torch.cat([h.sum(1), h.sum(0)[:-1]])
-        w = torch.linalg.solve(k, rhs)
+        # As P nears a permutation the system nears singularity (every (x, −Pᵀx) is then a null
+        # vector); a tiny ridge keeps the solve finite, and the gradient there is ~0 anyway.
+        w = torch.linalg.solve(k + 1e-9 * torch.eye(2 * n - 1, dtype=k.dtype, device=k.device), rhs)
         w_f, w_g = w[:n], torch.cat([w[n:], w.new_zeros(1)])
         ds = (h - p * (w_f[:, None] + w_g[None, :])) / ctx.tau
         return ds.to(grad.dtype), None, None, None

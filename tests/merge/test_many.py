@@ -96,3 +96,12 @@ def test_errors_before_any_work():
         merge_many(models, spec=spec, init=[pm.identity(spec)])
     with pytest.raises(pm.errors.StateDictMismatchError, match="different keys"):
         c2m3_merge([models[0], {k: v for k, v in models[1].state_dict().items() if k != "net.1.bias"}], spec=spec)
+
+
+def test_c2m3_refining_is_mergemany_from_the_projection():
+    x, spec, models = _random_models(3)
+    raw = c2m3_merge(models, spec=spec, refine=False, seed=4)
+    refined = c2m3_merge(models, spec=spec, refine=True, seed=4)
+    again = merge_many(models, spec=spec, init=raw.permutations, seed=4)
+    assert all(torch.equal(p[g], q[g]) for p, q in zip(refined.permutations, again.permutations) for g in spec.names)
+    assert refined.objective_after == pytest.approx(again.objective_after)

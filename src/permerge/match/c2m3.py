@@ -75,7 +75,7 @@ def c2m3_matching(
     state_dicts: Sequence[Mapping[str, torch.Tensor]],
     *,
     max_iter: int = 100,
-    tol: float = 1e-6,
+    tol: float = 1e-4,
     init: Sequence[Mapping[str, torch.Tensor]] | None = None,
     backend: str = "auto",
     dtype: torch.dtype = torch.float32,
@@ -87,7 +87,8 @@ def c2m3_matching(
         spec: the groups to permute.
         state_dicts: two or more state dicts of one architecture; none is modified.
         max_iter: stop after this many Frank–Wolfe iterations (``converged`` is then False).
-        tol: stop when the duality gap is at most ``tol`` times ``|f|``.
+        tol: stop when the duality gap is at most ``tol`` times ``|f|`` (on three 3x512 MLPs the
+            objective is within 0.1% of its limit after ~30 of the 67 iterations tol=1e-6 takes).
         init: starting permutations into the universe, one per model (``init[0]`` must be the
             identity); default: every model as given (the identity, C2M3's default start).
         backend: LAP backend, see :func:`permerge.match.lap.solve`.

@@ -136,6 +136,7 @@ def c2m3_merge(
     spec: PermutationSpec | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
     max_iter: int = 100,
+    fw_tol: float = 1e-4,
     refine: bool = True,
     max_rounds: int = 100,
     tol: float = 1e-6,
@@ -145,19 +146,20 @@ def c2m3_merge(
 ) -> MergeManyResult:
     """C2M3: cycle-consistent Frank–Wolfe matching of all models at once, then average.
 
-    ``max_iter`` bounds the Frank–Wolfe iterations; with ``refine``, MergeMany rounds (at most
-    ``max_rounds``) polish the projected permutations. Warns with :class:`NotConvergedWarning`
+    ``max_iter`` and ``fw_tol`` bound the Frank–Wolfe iterations (see
+    :func:`~permerge.match.c2m3.c2m3_matching`); with ``refine``, MergeMany rounds (at most
+    ``max_rounds``, stopping rule ``tol``) polish the projected permutations. Warns with :class:`NotConvergedWarning`
     if either stopped at its limit. Arguments otherwise as :func:`merge_many`.
     """
     start = time.perf_counter()
     spec, sds = _prepare(models, example_inputs, spec, example_kwargs)
-    if max_rounds < 1 or not tol >= 0:
-        raise ValueError(f"max_rounds must be >= 1 and tol >= 0, got {max_rounds} and {tol}")
-    fw = c2m3_matching(spec, sds, max_iter=max_iter, tol=tol, backend=backend, quiet=quiet)
+    if max_rounds < 1 or not tol >= 0 or not fw_tol >= 0:
+        raise ValueError(f"max_rounds must be >= 1 and tol, fw_tol >= 0, got {max_rounds}, {tol} and {fw_tol}")
+    fw = c2m3_matching(spec, sds, max_iter=max_iter, tol=fw_tol, backend=backend, quiet=quiet)
     perms, rounds, converged, history = list(fw.permutations), fw.iterations, fw.converged, list(fw.objectives)
     if not converged:
         _warn(f"C2M3's Frank–Wolfe stopped after max_iter={max_iter} iterations before its duality gap fell "
-              f"below tol={tol}; raise max_iter")  # fmt: skip
+              f"below fw_tol={fw_tol}; raise max_iter")  # fmt: skip
     if refine:
         perms, extra, converged, polished = _rounds(spec, sds, perms, max_rounds, tol, seed, backend)
         rounds, history = rounds + extra, history + polished

@@ -36,7 +36,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see BENCHMARKING.md
 
 import argparse
-import copy
 import datetime
 import logging
 import platform
@@ -79,16 +78,6 @@ def fixes(merged: nn.Module, aligned: list[nn.Module], stats: list[Any], batches
     if has_batchnorm(merged):
         out["BN reset"] = reset_bn_stats(merged, stats, batches=batches)
     out["REPAIR"] = repair_merge(aligned, merged, stats, batches=batches)
-    return out
-
-
-def modules(template: nn.Module, sds: tuple[dict[str, torch.Tensor], ...]) -> list[nn.Module]:
-    """Copies of ``template`` holding ``sds`` (the members in the shared basis), for REPAIR."""
-    out = []
-    for sd in sds:
-        m = copy.deepcopy(template)
-        m.load_state_dict(sd)
-        out.append(m.eval())
     return out
 
 
@@ -136,7 +125,7 @@ def run(setting: str, n: int, x: torch.Tensor, y: torch.Tensor, test: list[Any],
         if res is None:
             merged, aligned, info = permerge.merge(members), members, "— | — | —"
         else:
-            merged, aligned = res.merged, modules(members[0], res.aligned)
+            merged, aligned = res.merged, list(res.aligned)
             conv = "yes" if res.converged else f"**no** ({len(caught)} warning{'s' * (len(caught) != 1)})"
             info = f"{res.rounds} | {conv} | {res.objective_after:.1f}"
         variants = {k: score(m, test) for k, m in fixes(merged, aligned, stats, args.stats_batches).items()}

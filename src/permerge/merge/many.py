@@ -18,7 +18,8 @@ optimiser:
   the hard problem too (the projection alone is not one).
 
 The merged model's BatchNorm statistics are the members' averaged statistics, which are wrong for
-the merge; reset them (:func:`permerge.repair.reset_bn_stats`) or REPAIR the merge on data.
+the merge; reset them (:func:`permerge.repair.reset_bn_stats`) or REPAIR the merge toward the
+members' mean statistics (``repair_merge(res.aligned, res.merged, data)``).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class MergeManyResult:
         merged: the average of the aligned models (a module if modules were given).
         permutations: per input model, the permutation into the shared basis:
             ``apply_permutation(spec, permutations[i], state_dict_i)`` is ``aligned[i]``.
-        aligned: the input models' state dicts in the shared basis (what ``merged`` averages).
+        aligned: the input models in the shared basis (what ``merged`` averages; copies of the
+            modules if modules were given, else state dicts): ``repair_merge(aligned, merged, data)``.
         rounds: MergeMany rounds (C2M3: Frank–Wolfe iterations, plus refining rounds).
         converged: whether the stopping rule fired before the round limit.
         objectives: ``F`` after each round (C2M3: after each iteration, then each refining round).
@@ -71,9 +73,9 @@ class MergeManyResult:
         seconds: wall time.
     """
 
-    merged: nn.Module | dict[str, torch.Tensor]
+    merged: Model
     permutations: tuple[Permutation, ...]
-    aligned: tuple[dict[str, torch.Tensor], ...]
+    aligned: tuple[Model, ...]
     rounds: int
     converged: bool
     objectives: tuple[float, ...]
@@ -229,16 +231,21 @@ def _warn(message: str) -> None:
     warnings.warn(message, NotConvergedWarning, stacklevel=3)
 
 
+def _module(like: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
+    out = copy.deepcopy(like)
+    out.load_state_dict(sd)
+    return out
+
+
 def _finish(models: Sequence[Model], spec: PermutationSpec, sds: list[dict[str, torch.Tensor]], perms: list[Permutation],
             rounds: int, converged: bool, history: list[float], before: float, method: str,
             start: float) -> MergeManyResult:  # fmt: skip
-    aligned = tuple(apply_permutation(spec, p, sd) for p, sd in zip(perms, sds))
-    merged: nn.Module | dict[str, torch.Tensor] = merge(aligned)  # type: ignore[assignment]
+    aligned_sds = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
+    merged: Model = merge(aligned_sds)  # type: ignore[assignment]
+    aligned: tuple[Model, ...] = tuple(aligned_sds)
     if isinstance(models[0], nn.Module):
-        module = copy.deepcopy(models[0])
-        module.load_state_dict(merged)
-        merged = module
-    after = objective(spec, aligned)
+        merged, aligned = _module(models[0], merged), tuple(_module(m, sd) for m, sd in zip(models, aligned_sds))  # type: ignore[arg-type]
+    after = objective(spec, aligned_sds)
     seconds = time.perf_counter() - start
     LOG.info("%s: %d models, objective %.6g -> %.6g in %d rounds (%.2f s, %s)", method, len(sds), before, after, rounds,
              seconds, "converged" if converged else "not converged")  # fmt: skip

@@ -23,7 +23,8 @@ from torch import nn
 from permerge.errors import PermergeError
 from permerge.match.activation import ActivationMatchingResult, activation_matching
 from permerge.match.lap import available_backends, solve
-from permerge.match.sinkhorn import SinkhornMatchingResult, sinkhorn_matching
+from permerge.match.learned import LearnedMatchingResult
+from permerge.match.sinkhorn import sinkhorn_matching
 from permerge.match.ste import SteMatchingResult, ste_matching
 from permerge.match.weight import WeightMatchingResult, weight_matching
 from permerge.spec import PermutationSpec
@@ -32,7 +33,7 @@ __all__ = [
     "MATCHERS",
     "ActivationMatchingResult",
     "MatchRequest",
-    "SinkhornMatchingResult",
+    "LearnedMatchingResult",
     "SteMatchingResult",
     "activation_matching",
     "sinkhorn_matching",
@@ -120,6 +121,6 @@ def _ste(req: MatchRequest) -> SteMatchingResult:
 
 
 @register_matcher("sinkhorn")
-def _sinkhorn(req: MatchRequest) -> SinkhornMatchingResult:
+def _sinkhorn(req: MatchRequest) -> LearnedMatchingResult:
     data = _needs_data(req, "Sinkhorn")
     return sinkhorn_matching(req.spec, req.model_a, req.model_b, data, seed=req.seed, quiet=req.quiet, **req.options)

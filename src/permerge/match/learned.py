@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +35,9 @@ from permerge.evaluate import logits
 from permerge.permutation import Permutation
 from permerge.spec import PermutationSpec
 
-__all__ = ["PathLoss", "Selection", "batches_of", "cycle", "pair"]
+LOG = logging.getLogger(__name__)
+
+__all__ = ["LearnedMatchingResult", "PathLoss", "Selection", "batches_of", "cycle", "pair"]
 
 Batch = tuple[Any, Any]
 
@@ -61,6 +66,30 @@ def cycle(batches: list[Batch], seed: int) -> Iterator[Batch]:
     while True:
         for i in torch.randperm(len(batches), generator=gen).tolist():
             yield batches[i]
+
+
+@dataclass(frozen=True)
+class LearnedMatchingResult:
+    """What a learned matcher (:func:`~permerge.match.ste.ste_matching`,
+    :func:`~permerge.match.sinkhorn.sinkhorn_matching`) found.
+
+    Attributes:
+        permutation: the best permutation visited (lowest midpoint loss on the selection batches).
+        steps: optimisation steps run.
+        losses: the training loss at every step.
+        start_loss / best_loss: selection loss of weight matching's permutation (the start) / of
+            the returned one.
+        visited: distinct permutations scored.
+        seconds: wall time.
+    """
+
+    permutation: Permutation
+    steps: int
+    losses: tuple[float, ...]
+    start_loss: float
+    best_loss: float
+    visited: int
+    seconds: float
 
 
 class PathLoss:
@@ -106,3 +135,11 @@ class Selection:
             if loss < self.best_loss:
                 self.best, self.best_loss = {g: p.clone() for g, p in perm.items()}, loss
         return self.seen[key]
+
+    def result(self, name: str, losses: list[float], start: float) -> LearnedMatchingResult:
+        """The best permutation and the run's numbers (``start``: the run's ``perf_counter`` at entry)."""
+        assert self.best is not None, "the weight-matching start is always scored"
+        LOG.info("%s: %d steps, %d permutations scored, selection loss %.4f (weight matching's %.4f)", name,
+                 len(losses), len(self.seen), self.best_loss, self.start_loss)  # fmt: skip
+        return LearnedMatchingResult(self.best, len(losses), tuple(losses), self.start_loss, self.best_loss,
+                                     len(self.seen), time.perf_counter() - start)  # fmt: skip

@@ -25,7 +25,6 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.match import lap
-from permerge.match.learned import Batch, PathLoss, Selection, batches_of, cycle, pair
+from permerge.match.learned import Batch, LearnedMatchingResult, PathLoss, Selection, batches_of, cycle, pair
 from permerge.match.soft import as_matrix, gradient, sinkhorn, soft_apply
 from permerge.match.weight import weight_matching
 from permerge.permutation import Permutation
@@ -42,29 +41,7 @@ from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["SinkhornMatchingResult", "sinkhorn_matching"]
-
-
-@dataclass(frozen=True)
-class SinkhornMatchingResult:
-    """What :func:`sinkhorn_matching` found.
-
-    Attributes:
-        permutation: the best hard permutation (lowest midpoint loss on the selection batches).
-        steps: optimisation steps run.
-        losses: the training loss at every step.
-        start_loss / best_loss: selection loss of weight matching's permutation / of the returned one.
-        visited: distinct permutations scored.
-        seconds: wall time.
-    """
-
-    permutation: Permutation
-    steps: int
-    losses: tuple[float, ...]
-    start_loss: float
-    best_loss: float
-    visited: int
-    seconds: float
+__all__ = ["sinkhorn_matching"]
 
 
 def sinkhorn_matching(
@@ -87,7 +64,7 @@ def sinkhorn_matching(
     backend: str = "auto",
     batch_fn: Callable[[Any], Batch] = pair,
     quiet: bool = False,
-) -> SinkhornMatchingResult:
+) -> LearnedMatchingResult:
     """Learn B's permutation as annealed Sinkhorn soft permutations trained on the path's loss.
 
     Args:
@@ -148,11 +125,7 @@ def sinkhorn_matching(
         if step in marks:
             selection.consider({**start_perm, **{g: lap.solve(s.detach(), backend=backend) for g, s in scores.items()}})
         LOG.debug("Sinkhorn step %d (tau %.3g): loss %.4f", step, t, losses[-1])
-    assert selection.best is not None, "the weight-matching start is always scored"
-    LOG.info("Sinkhorn: %d steps, %d permutations scored, selection loss %.4f (weight matching's %.4f)", steps,
-             len(selection.seen), selection.best_loss, selection.start_loss)  # fmt: skip
-    return SinkhornMatchingResult(selection.best, steps, tuple(losses), selection.start_loss, selection.best_loss,
-                                  len(selection.seen), time.perf_counter() - start)  # fmt: skip
+    return selection.result("Sinkhorn", losses, start)
 
 
 def _start(spec: PermutationSpec, sd_a: dict[str, torch.Tensor], sd_b: dict[str, torch.Tensor],

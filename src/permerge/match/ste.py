@@ -20,7 +20,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,37 +27,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
-from permerge.match.learned import Batch, PathLoss, Selection, batches_of, cycle, pair
+from permerge.match.learned import Batch, LearnedMatchingResult, PathLoss, Selection, batches_of, cycle, pair
 from permerge.match.weight import weight_matching
-from permerge.permutation import Permutation
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
 __all__ = ["SteMatchingResult", "ste_matching"]
 
-
-@dataclass(frozen=True)
-class SteMatchingResult:
-    """What :func:`ste_matching` found.
-
-    Attributes:
-        permutation: the best permutation visited (lowest midpoint loss on the selection batches).
-        steps: optimisation steps run.
-        losses: the training loss at every step.
-        start_loss / best_loss: selection loss of weight matching's permutation (the first
-            projection) / of the returned one.
-        visited: distinct permutations scored.
-        seconds: wall time.
-    """
-
-    permutation: Permutation
-    steps: int
-    losses: tuple[float, ...]
-    start_loss: float
-    best_loss: float
-    visited: int
-    seconds: float
+SteMatchingResult = LearnedMatchingResult  # the name before Sinkhorn matching shared it
 
 
 def ste_matching(
@@ -77,7 +54,7 @@ def ste_matching(
     seed: int = 0,
     batch_fn: Callable[[Any], Batch] = pair,
     quiet: bool = False,
-) -> SteMatchingResult:
+) -> LearnedMatchingResult:
     """Learn B's permutation by training the merged model's loss through a straight-through estimator.
 
     Args:
@@ -132,8 +109,4 @@ def ste_matching(
         opt.step()
         losses.append(float(loss.detach()))
         LOG.debug("STE step %d: loss %.4f", step, losses[-1])
-    assert selection.best is not None, "the weight-matching start is always scored"
-    LOG.info("STE: %d steps, %d permutations visited, selection loss %.4f (weight matching's %.4f)", steps,
-             len(selection.seen), selection.best_loss, selection.start_loss)  # fmt: skip
-    return SteMatchingResult(selection.best, steps, tuple(losses), selection.start_loss, selection.best_loss,
-                             len(selection.seen), time.perf_counter() - start)  # fmt: skip
+    return selection.result("STE", losses, start)

@@ -62,6 +62,19 @@ def test_align_writes_aligned_model_permutation_spec_provenance(ckpts, tmp_path,
     assert prov["report"]["method"] == "weight" and prov["config"]["method"] == "weight"
 
 
+def test_align_restarts_and_learned_matching_options(ckpts, tmp_path, capsys):
+    a, b = ckpts
+    assert main(["align", *MODEL, str(a), str(b), "--restarts", "3", "-o", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "provenance.json").read_text())["report"]
+    assert len(report["restarts"]) == 3 and report["total_after"] == max(report["restarts"])
+    assert main(["align", *MODEL, str(a), str(b), "--steps", "5", "-o", str(tmp_path / "s")]) == 2
+    assert "--steps cannot be used with --method weight" in capsys.readouterr().err
+    assert main(["align", *MODEL, str(a), str(b), "--method", "ste", "--restarts", "2", "--lr", "0.1",
+                 "-o", str(tmp_path / "t")]) == 2  # fmt: skip
+    assert "--restarts cannot be used with --method ste" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
 def test_align_refuses_existing_output_unless_forced(ckpts, tmp_path, capsys):
     a, b = ckpts
     out = tmp_path / "out"

@@ -27,8 +27,8 @@ Per model, on the first ``--test-size`` test images, with an ``--alphas``-point 
 
 * **naive**: ``(1-α)·A + α·B`` as trained (BN running statistics interpolated, not re-estimated);
 * **aligned**: B weight-matched to A (``permerge.align``, ``init="anneal"``: the annealed
-  Sinkhorn-relaxed start, then the descent; with ``--wm-restarts`` > 1 the best objective of that
-  many seeded descents), same interpolation;
+  Sinkhorn-relaxed start, then the best objective of ``--wm-restarts`` seeded descents from it),
+  same interpolation;
 * **+BN reset**: aligned, BatchNorm statistics re-estimated at every α, endpoints included (BN
   models only), on ``--stats-batches`` batches of 100 training images;
 * **+REPAIR**: aligned + ``permerge.repair`` at every α, on the same training batches;
@@ -46,8 +46,8 @@ A second table measures the matchers themselves, each loss barrier taken *with* 
 nets (the fair barrier there) and as is elsewhere:
 
 * **WM, 5 seeds**: weight matching with its default start (better of identity and signature
-  match) for seeds 0..4 ("before"), and with ``init="anneal"`` ("after"): median and worst loss
-  barrier on the ``--spread-alphas`` grid, and the range of the matching objective;
+  match) for seeds 0..4 ("before"), and with ``init="anneal", restarts=--wm-restarts`` ("after"):
+  median and worst loss barrier on the ``--spread-alphas`` grid, and the range of the objective;
 * **STE** (``ste_matching``: Git Re-Basin's straight-through estimator, midpoint loss) and
   **Sinkhorn** (``sinkhorn_matching``: Sinkhorn re-basin, random-point loss), both started from
   the annealed weight matching and trained on ``--learn-batches`` batches of 100 training images,
@@ -214,7 +214,7 @@ def width_trend(barriers: dict[str, dict[str, float]], by_name: dict[str, Spec])
 
 
 QUALITY_HEADER = (
-    "| model | WM, 5 seeds, before: median / worst loss barrier (objective range) | after, init='anneal': median / "
+    "| model | WM, 5 seeds, before: median / worst loss barrier (objective range) | after (annealed start + restarts): median / "
     "worst (objective range) | worst / best, before → after | aligned (WM) | STE | Sinkhorn | STE / Sinkhorn s |\n"
     "|---|---|---|---|---|---|---|---|"
 )
@@ -227,10 +227,11 @@ def matchers(spec: Spec, a: nn.Module, b: nn.Module, x: torch.Tensor, y: torch.T
     bn = {"bn_reset": stats, "bn_batches": args.stats_batches} if has_batchnorm(a) else {}
     trace = permerge.trace(a, x[:2])
     out: dict[str, Any] = {"wm": wm_barrier}
-    for label, init in (("before", None), ("after", "anneal")):
+    for label, init, restarts in (("before", None, 1), ("after", "anneal", args.wm_restarts)):
         barriers_, objectives = [], []
         for seed in range(5):
-            res = weight_matching(trace, a.state_dict(), b.state_dict(), seed=seed, init=init, quiet=True)
+            res = weight_matching(trace, a.state_dict(), b.state_dict(), seed=seed, init=init, restarts=restarts,
+                                  quiet=True)  # fmt: skip
             aligned = copy.deepcopy(b)
             aligned.load_state_dict(permerge.apply_permutation(trace, res.permutation, b.state_dict()))
             barriers_.append(interpolation_curve(a, aligned, test, alphas=args.spread_alphas, **bn).loss_barrier)
@@ -279,7 +280,7 @@ def main() -> None:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--stats-batches", type=int, default=10, help="batches of 100 training images for BN reset / REPAIR")
     p.add_argument("--alphas", type=int, default=5, help="α grid points (odd, so 0.5 is on it)")
-    p.add_argument("--wm-restarts", type=int, default=1, help="weight matching's restarts for the aligned columns")
+    p.add_argument("--wm-restarts", type=int, default=4, help="weight matching's restarts (from the annealed start)")
     p.add_argument("--spread-alphas", type=int, default=3, help="α grid of the 5-seed weight-matching barriers")
     p.add_argument("--learn-batches", type=int, default=50, help="batches of 100 training images for STE / Sinkhorn")
     p.add_argument("--learn-steps", type=int, default=200, help="STE / Sinkhorn optimisation steps")

@@ -14,7 +14,8 @@ own random half of the training set for 100 epochs (``mlp-half``), and VGG 32-32
 
 Per run, every merge is evaluated on the full 10k test set (``permerge.evaluate.evaluate``):
 
-* **members**: the best member (lowest test loss) and the members' mean;
+* **members**: the best member (lowest test loss) and the members' mean; the **ensemble** (mean
+  predicted probabilities, N× the compute) as the reference a merge approximates;
 * **naive**: the plain average of the members as trained;
 * **MergeMany**: ``permerge.merge_many`` (each model weight-matched to the mean of the others
   until a round raises the objective by at most ``tol·|F|``);
@@ -38,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported;
 import argparse
 import datetime
 import logging
+import math
 import platform
 import shlex
 import sys
@@ -72,6 +74,18 @@ def score(model: nn.Module, test: list[tuple[torch.Tensor, torch.Tensor]]) -> tu
     return r["loss"], r["accuracy"]
 
 
+class Ensemble(nn.Module):
+    """The members' mean predicted probabilities (as log-probabilities): the N×-compute reference."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.stack([m(x).log_softmax(-1) for m in self.members])
+        return logp.logsumexp(0) - math.log(len(self.members))
+
+
 def fixes(merged: nn.Module, aligned: list[nn.Module], stats: list[Any], batches: int) -> dict[str, nn.Module]:
     """The merge as is, after a BN reset (BN nets) and after REPAIR toward the members' mean."""
     out = {"merged": merged}
@@ -99,6 +113,10 @@ def run(setting: str, n: int, x: torch.Tensor, y: torch.Tensor, test: list[Any],
     mean_loss, mean_acc = sum(v[0] for v in scores) / n, sum(v[1] for v in scores) / n
     rows = [f"| {label} | members: best (seed {best}) / mean | — | — | — | {scores[best][0]:.4f} / "
             f"{100 * scores[best][1]:.2f} | — | — | mean: {mean_loss:.4f} / {100 * mean_acc:.2f} | — |"]  # fmt: skip
+    ens_loss, ens_acc = score(Ensemble(members), test)
+    rows.append(f"| {label} | ensemble of the {n} ({n}× compute; reference) | — | — | — | {ens_loss:.4f} / "
+                f"{100 * ens_acc:.2f} | — | — | {100 * (ens_loss / scores[best][0] - 1):+.1f}% / "
+                f"{100 * (ens_acc - scores[best][1]):+.2f} pt | — |")  # fmt: skip
     out: dict[str, Any] = {"label": label, "best": scores[best], "merges": {}}
     raw: list[MergeManyResult] = []  # C2M3's projection, refined below (= c2m3_merge(refine=True), tested)
 

@@ -4,9 +4,10 @@ Coordinate descent over groups finds a local optimum that depends on where it st
 order it visits the groups (measured in docs/benchmarks.md: on a deep MLP pair, seeds alone
 spread the objective by a few percent and the loss barrier by a factor of two or more). Restarts are
 the cheap remedy: attempt 0 is exactly the single run (same seed, same start), so the best of
-``k`` attempts never has a lower objective than it; attempts ``i ≥ 1`` use seed ``seed + i`` and
-alternate between the identity and a seeded random permutation as the start. Independent
-attempts run in a thread pool (torch's matmuls and both LAP backends release the GIL).
+``k`` attempts never has a lower objective than it; attempts ``i ≥ 1`` use seed ``seed + i``. With
+a given start (a permutation, e.g. the annealed one) every attempt starts there and only the visit
+order varies; without one they alternate between the identity and a seeded random permutation.
+Independent attempts run in a thread pool (torch's matmuls and both LAP backends release the GIL).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ R = TypeVar("R")
 
 
 def restart_start(
-    spec: PermutationSpec, attempt: int, seed: int, init: Mapping[str, torch.Tensor] | str | None
-) -> Mapping[str, torch.Tensor] | str | None:
-    """The start of attempt ``attempt``: ``init`` for attempt 0, then the identity and seeded random
-    permutations in turn."""
-    if attempt == 0:
+    spec: PermutationSpec, attempt: int, seed: int, init: Mapping[str, torch.Tensor] | None
+) -> Mapping[str, torch.Tensor] | None:
+    """The start of attempt ``attempt``: ``init`` if given (or for attempt 0), else the identity
+    and seeded random permutations in turn."""
+    if attempt == 0 or init is not None:
         return init
     return identity(spec) if attempt % 2 else random_permutation(spec, seed=seed * 1_000_003 + attempt)
 

@@ -110,8 +110,9 @@ def weight_matching(
             optima on deep nets); by default the better of the identity and a signature match (see
             the module docstring).
         restarts: run the descent this many times and keep the highest objective: attempt 0 is
-            the run above, attempt ``i`` visits in seed ``seed + i``'s order from the identity or a
-            random permutation (:mod:`permerge.match.restarts`); never worse than one run.
+            the run above, attempt ``i`` visits in seed ``seed + i``'s order, from ``init`` if given
+            (the annealed start is computed once), else from the identity or a random permutation
+            (:mod:`permerge.match.restarts`); never worse than one run.
         backend: LAP backend, see :func:`permerge.match.lap.solve`.
         tol: a group's new permutation is kept only if it beats the current one by more than
             ``tol`` relative to the current objective.
@@ -146,6 +147,8 @@ def weight_matching(
     b = {k: sd_b[k].to(dev) for k in spec.keys}
     before, total_before = _objectives(spec, a, b)
     inner = 1 if restarts > 1 and workers > 1 else workers  # parallel attempts, or parallel LAPs
+    if init == "anneal":  # one annealing; restarts then vary the descent's visit order from it
+        init = annealed_start(spec, a, b, backend=backend)
 
     def attempt(i: int) -> tuple[_Costs, int, bool, float]:
         costs = _Costs(spec, a, *_start(spec, a, b, restart_start(spec, i, seed, init), backend, total_before))
@@ -279,18 +282,15 @@ def _start(
     spec: PermutationSpec,
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
-    init: Mapping[str, torch.Tensor] | str | None,
+    init: Mapping[str, torch.Tensor] | None,
     backend: str,
     total_identity: float,
 ) -> tuple[Permutation, dict[str, torch.Tensor]]:
-    """The start ``init`` names (None: the better of the identity and the signature match); and B
-    permuted by it."""
+    """``init`` if given, else the better of the identity and the signature match; and B permuted by it."""
     perm = identity(spec)
-    if init == "anneal":
-        perm = annealed_start(spec, a, b, backend=backend)
-    elif init is not None:
-        check_permutation(spec, init)  # type: ignore[arg-type]
-        perm.update({k: v.long().cpu() for k, v in init.items()})  # type: ignore[union-attr]
+    if init is not None:
+        check_permutation(spec, init)
+        perm.update({k: v.long().cpu() for k, v in init.items()})
     else:
         perm = signature_match(spec, a, b, backend)
     b_perm = {k: _copy_of(permute_tensor(b[k], spec.axes_of(k), perm), b[k]) for k in spec.keys}

@@ -8,9 +8,10 @@ Prints ONE markdown table, measured in one run, and writes it (with the command 
 ``benchmarks/results/merge_many.md``; progress goes to stderr.
 
 Members (``merge_many_models.py``, trained once and cached in ``benchmarks/_cache``): MLPs
-784-512x3-10 trained normally (``mlp``) or as in Git Re-Basin's MergeMany experiment, each on its
-own random half of the training set for 100 epochs (``mlp-half``), and VGG 32-32-64-64 + BN
-(``vgg``). A run ``setting:N`` merges members 0..N-1.
+784-512x3-10 trained normally (``mlp``), the same 1024 wide (``mlp-wide``), and 512 wide as in Git
+Re-Basin's MergeMany experiment, each on its own random half of the training set for 100 epochs
+(``mlp-half``); VGG 32-32-64-64 + BN (``vgg``). A run ``setting:N`` merges members 0..N-1; "best
+member" is the one with the lowest test loss.
 
 Per run, every merge is evaluated on the full 10k test set (``permerge.evaluate.evaluate``):
 
@@ -117,7 +118,7 @@ def run(setting: str, n: int, x: torch.Tensor, y: torch.Tensor, test: list[Any],
     rows.append(f"| {label} | ensemble of the {n} ({n}× compute; reference) | — | — | — | {ens_loss:.4f} / "
                 f"{100 * ens_acc:.2f} | — | — | {100 * (ens_loss / scores[best][0] - 1):+.1f}% / "
                 f"{100 * (ens_acc - scores[best][1]):+.2f} pt | — |")  # fmt: skip
-    out: dict[str, Any] = {"label": label, "best": scores[best], "merges": {}}
+    out: dict[str, Any] = {"label": label, "best": scores[best], "top_acc": max(a for _, a in scores), "merges": {}}
     raw: list[MergeManyResult] = []  # C2M3's projection, refined below (= c2m3_merge(refine=True), tested)
 
     def c2m3_projection() -> MergeManyResult:
@@ -167,7 +168,8 @@ def verdicts(results: list[dict[str, Any]]) -> str:
         (name, fix), (loss, acc) = min(variants, key=lambda t: t[1][0])  # the lowest test loss
         ok = loss < r["best"][0] and acc >= r["best"][1]
         lines.append(f"- {r['label']}: best merge ({name}, {fix}) {loss:.4f} / {100 * acc:.2f}% vs best member "
-                     f"{r['best'][0]:.4f} / {100 * r['best'][1]:.2f}%: {'met' if ok else '**not met**'}")  # fmt: skip
+                     f"{r['best'][0]:.4f} / {100 * r['best'][1]:.2f}%: {'met' if ok else '**not met**'} "
+                     f"(most accurate member: {100 * r['top_acc']:.2f}%)")  # fmt: skip
     pairs = [(r["label"], f, r["merges"]["C2M3"][f], r["merges"]["MergeMany"][f]) for r in results
              for f in r["merges"]["C2M3"]]  # fmt: skip
     worse = [f"{lab} ({f})" for lab, f, c, m in pairs if c[0] > m[0] or c[1] < m[1]]
@@ -179,7 +181,8 @@ def verdicts(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--runs", default="mlp:3,mlp:5,mlp-half:3,mlp-half:5,vgg:3", help="setting:N, comma-separated")
+    p.add_argument("--runs", default="mlp:3,mlp:5,mlp-wide:3,mlp-wide:5,mlp-half:3,mlp-half:5,vgg:3",
+                   help="setting:N, comma-separated")
     p.add_argument("--stats-batches", type=int, default=20, help="batches of 100 training images for BN reset / REPAIR")
     p.add_argument("--max-rounds", type=int, default=100)
     args = p.parse_args()

@@ -8,6 +8,8 @@ Settings (each member is seed ``s`` of one recipe; the cache key holds every hyp
   MNIST MLPs (``mnist_mlp_wm_many.py`` in samuela/git-re-basin): each member on its own random
   half of the training set (seeded by the member's seed), Adam 1e-3, batch 500, 100 epochs --
   members that overfit their half;
+* ``mlp-wide``: MLP 784-1024x3-10, trained as ``mlp`` (wider nets are closer to linearly mode
+  connected after matching);
 * ``vgg``: VGG 32-32-64-64 + BatchNorm, BENCHMARKING.md's SGD recipe (Nesterov, one-cycle peak lr
   0.05, wd 5e-4, batch 128), 3 epochs on all 60k images.
 
@@ -72,6 +74,7 @@ SETTINGS = {
         Setting("mlp", "MLP 784-512x3-10, normally trained", partial(MLP, hidden=(512,) * 3), "adam", 10, 128),
         Setting("mlp-half", "MLP 784-512x3-10, each on a random half, 100 epochs",
                 partial(MLP, hidden=(512,) * 3), "adam", 100, 500, half=True),
+        Setting("mlp-wide", "MLP 784-1024x3-10, normally trained", partial(MLP, hidden=(1024,) * 3), "adam", 10, 128),
         Setting("vgg", "VGG 32-32-64-64 + BN", partial(VGG, (32, 32, 64, 64), norm="bn"), "sgd", 3, 128),
     )  # fmt: skip
 }

@@ -106,3 +106,10 @@ def test_c2m3_refining_is_mergemany_from_the_projection():
     again = merge_many(models, spec=spec, init=raw.permutations, seed=4)
     assert all(torch.equal(p[g], q[g]) for p, q in zip(refined.permutations, again.permutations) for g in spec.names)
     assert refined.objective_after == pytest.approx(again.objective_after)
+
+
+def test_c2m3_warns_when_frank_wolfe_hits_its_iteration_limit():
+    x, spec, models = _random_models(3)
+    with pytest.warns(NotConvergedWarning, match=r"Frank–Wolfe stopped after max_iter=1 .* raise max_iter"):
+        res = c2m3_merge(models, spec=spec, max_iter=1, refine=False)
+    assert not res.converged and res.rounds == 1

@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> Outcome:
     if given:
         raise PermergeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to Hugging Face directories (without --model) only")
     inputs = {"a": args.a, "b": args.b}
-    check_method(args.method, has_data=args.data is not None)
     options = _matcher_options(args)
+    check_method(args.method, has_data=args.data is not None)
     spec = _spec(args.spec)
     hf_dir = hf_home(args.b, args.model)
     if args.emit_mergekit and (hf_dir is None or not is_hf_dir(args.a)):

@@ -25,19 +25,18 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from permerge.match import lap
 from permerge.match.soft import Relaxed, as_matrix, gradient, universe_objective
 from permerge.match.weight import check_matchable
 from permerge.permutation import Permutation, check_permutation, compose, identity, inverse
+from permerge.progress import progress
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -113,7 +112,7 @@ def c2m3_matching(
         before = universe_objective(spec, thetas, relaxed).item()
     objectives: list[float] = []
     converged, it = False, 0
-    for it in tqdm(range(1, max_iter + 1), desc="C2M3", disable=quiet or not sys.stderr.isatty()):
+    for it in progress(range(1, max_iter + 1), desc="C2M3", quiet=quiet):
         value, grads = gradient(spec, thetas, relaxed)
         vertex = [{g: as_matrix(lap.solve(gr, backend=backend), dtype) for g, gr in grad.items()} for grad in grads]
         gap = sum(float((grad[g] * (v[g] - r[g])).sum()) for grad, v, r in zip(grads, vertex, relaxed[1:]) for g in grad)

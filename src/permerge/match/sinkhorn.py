@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.match import lap
@@ -37,6 +35,7 @@ from permerge.match.learned import Batch, LearnedMatchingResult, PathLoss, Selec
 from permerge.match.soft import as_matrix, gradient, sinkhorn, soft_apply
 from permerge.match.weight import weight_matching
 from permerge.permutation import Permutation
+from permerge.progress import progress
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def sinkhorn_matching(
     order = cycle(train, seed)
     marks = {round(steps * (i + 1) / checkpoints) for i in range(checkpoints)}
     losses: list[float] = []
-    for step in tqdm(range(1, steps + 1), desc="Sinkhorn", disable=quiet or not sys.stderr.isatty()):
+    for step in progress(range(1, steps + 1), desc="Sinkhorn", quiet=quiet):
         t = tau[0] * (tau[1] / tau[0]) ** ((step - 1) / max(steps - 1, 1))
         soft = {g: sinkhorn(s, t, iters=sinkhorn_iters, tol=1e-3) for g, s in scores.items()}
         a = alpha if alpha is not None else float(torch.rand((), generator=gen))

@@ -17,18 +17,17 @@ midpoint (Sinkhorn re-basin's variant).
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from permerge.apply import apply_permutation
 from permerge.match.learned import Batch, LearnedMatchingResult, PathLoss, Selection, batches_of, cycle, pair
 from permerge.match.weight import weight_matching
+from permerge.progress import progress
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -92,7 +91,7 @@ def ste_matching(
     gen = torch.Generator().manual_seed(seed)
     order = cycle(train, seed)
     losses: list[float] = []
-    for step in tqdm(range(steps + 1), desc="STE", disable=quiet or not sys.stderr.isatty()):
+    for step in progress(range(steps + 1), desc="STE", quiet=quiet):
         found = weight_matching(param_spec, {k: v.detach() for k, v in tilde.items()}, {k: sd_b[k] for k in trainable},
                                 seed=seed + step, init={g: perm[g] for g in param_spec.names}, quiet=True)  # fmt: skip
         perm = {**perm, **found.permutation}

@@ -43,7 +43,13 @@ from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import CONV, LINEAR
 from permerge.match import lap
 from permerge.match.activation import activation_matching, batch_inputs, record
-from permerge.match.weight import _Costs, check_matchable, coordinate_descent, resolve_workers, weight_matching
+from permerge.match.weight import (
+    _Costs,
+    check_matchable,
+    coordinate_descent,
+    resolve_workers,
+    weight_matching,
+)
 from permerge.permutation import Permutation
 from permerge.spec import (
     CONSUMER,

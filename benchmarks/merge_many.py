@@ -42,7 +42,6 @@ import datetime
 import logging
 import math
 import platform
-import shlex
 import sys
 import time
 import warnings
@@ -57,7 +56,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src")]
 
-from common import load_fashion_mnist  # noqa: E402
+from common import load_fashion_mnist, save_results  # noqa: E402
 from merge_many_models import SETTINGS  # noqa: E402
 
 import permerge  # noqa: E402
@@ -118,21 +117,22 @@ def run(setting: str, n: int, x: torch.Tensor, y: torch.Tensor, test: list[Any],
     rows.append(f"| {label} | ensemble of the {n} ({n}× compute; reference) | — | — | — | {ens_loss:.4f} / "
                 f"{100 * ens_acc:.2f} | — | — | {100 * (ens_loss / scores[best][0] - 1):+.1f}% / "
                 f"{100 * (ens_acc - scores[best][1]):+.2f} pt | — |")  # fmt: skip
-    out: dict[str, Any] = {"label": label, "best": scores[best], "top_acc": max(a for _, a in scores), "merges": {}}
+    out: dict[str, Any] = {"label": label, "best": scores[best], "top_acc": max(a for _, a in scores), "merges": {},
+                           "check": 0.0}  # fmt: skip
     raw: list[MergeManyResult] = []  # C2M3's projection, refined below (= c2m3_merge(refine=True), tested)
 
     def c2m3_projection() -> MergeManyResult:
-        raw.append(permerge.c2m3_merge(members, spec=spec, refine=False, quiet=True))
+        raw.append(permerge.c2m3_merge(members, x[:2], spec=spec, refine=False, quiet=True))
         return raw[0]
 
     def c2m3_refined() -> MergeManyResult:
-        res = permerge.merge_many(members, spec=spec, init=raw[0].permutations, max_rounds=args.max_rounds)
+        res = permerge.merge_many(members, x[:2], spec=spec, init=raw[0].permutations, max_rounds=args.max_rounds)
         return replace(res, rounds=raw[0].rounds + res.rounds, objectives=raw[0].objectives + res.objectives,
                        objective_before=raw[0].objective_before, method="c2m3", seconds=raw[0].seconds + res.seconds)  # fmt: skip
 
     mergers: dict[str, Callable[[], MergeManyResult | None]] = {
         "naive": lambda: None,
-        "MergeMany": lambda: permerge.merge_many(members, spec=spec, max_rounds=args.max_rounds),
+        "MergeMany": lambda: permerge.merge_many(members, x[:2], spec=spec, max_rounds=args.max_rounds),
         "C2M3, no refine": c2m3_projection,
         "C2M3": c2m3_refined,
     }
@@ -147,6 +147,7 @@ def run(setting: str, n: int, x: torch.Tensor, y: torch.Tensor, test: list[Any],
             merged, aligned = res.merged, list(res.aligned)
             conv = "yes" if res.converged else f"**no** ({len(caught)} warning{'s' * (len(caught) != 1)})"
             info = f"{res.rounds} | {conv} | {res.objective_after:.1f}"
+            out["check"] = max(out["check"], res.function_preservation_error)
         variants = {k: score(m, test) for k, m in fixes(merged, aligned, stats, args.stats_batches).items()}
         out["merges"][name] = variants
         cell = {k: f"{v[0]:.4f} / {100 * v[1]:.2f}" for k, v in variants.items()}
@@ -175,6 +176,8 @@ def verdicts(results: list[dict[str, Any]]) -> str:
     worse = [f"{lab} ({f})" for lab, f, c, m in pairs if c[0] > m[0] or c[1] < m[1]]
     lines.append(f"- C2M3 ≥ MergeMany (test loss ≤ and accuracy ≥): {len(pairs) - len(worse)}/{len(pairs)}"
                  + (f"; not on {', '.join(worse)}" if worse else ""))  # fmt: skip
+    lines.append(f"- every member's permutation keeps its function (the check align runs): largest relative "
+                 f"error {max(r['check'] for r in results):.1e}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -202,7 +205,6 @@ def main() -> None:
         results.append(res)
     table = HEADER + "\n" + "\n".join(rows) + "\n\n" + verdicts(results)
     print(table)
-    cmd = shlex.join(["python", "benchmarks/merge_many.py", *sys.argv[1:]])
     note = (
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch "
         f"{torch.__version__}, {args.threads} thread(s); {time.perf_counter() - start:.0f} s in all (merge times are "
@@ -210,10 +212,7 @@ def main() -> None:
         f"{args.stats_batches} batches of 100 training images (the last ones of the training set). 'F' is "
         "Σ_{i<j} ⟨π_i θ_i, π_j θ_j⟩ of the aligned members (higher = better matched)."
     )
-    out = HERE / "results" / "merge_many.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# N-model merging: naive / MergeMany / C2M3, with BN reset and REPAIR\n\n```\n{cmd}\n```\n\n"
-                   f"{table}\n\n{note}\n")  # fmt: skip
+    out = save_results("merge_many", "N-model merging: naive / MergeMany / C2M3, with BN reset and REPAIR", table, note)
     LOG.info("wrote %s", out)
 
 

@@ -17,6 +17,11 @@ optimiser:
   MergeMany's rounds then polish the projected permutations, so the result is a local optimum of
   the hard problem too (the projection alone is not one).
 
+Every permutation returned is checked to keep its model's function (the check ``align`` runs,
+:func:`permerge.check.check_permutations`: eval and train mode, two batch sizes), before anything
+is returned; the largest relative error is the result's ``function_preservation_error``. So the
+models must be modules with ``example_inputs`` unless ``check=False``.
+
 The merged model's BatchNorm statistics are the members' averaged statistics, which are wrong for
 the merge; reset them (:func:`permerge.repair.reset_bn_stats`) or REPAIR the merge toward the
 members' mean statistics (``repair_merge(res.aligned, res.merged, data)``).
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,12 +42,15 @@ import torch
 from torch import nn
 
 from permerge.apply import apply_permutation
+from permerge.check import PreservationReport, check_compatible, check_permutations
+from permerge.errors import PermergeError
 from permerge.graph import trace
 from permerge.match.c2m3 import c2m3_matching
 from permerge.match.soft import universe_objective
 from permerge.match.weight import weight_matching
-from permerge.merge import check_same_architecture, merge, state_dict_of
+from permerge.merge import merge, state_dict_of
 from permerge.permutation import Permutation, check_permutation, compose, identity, is_identity
+from permerge.pipeline import positive
 from permerge.spec import PermutationSpec
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +80,9 @@ class MergeManyResult:
         objective_before / objective_after: ``F`` for the models as given / as aligned.
         method: ``"many"`` or ``"c2m3"``.
         seconds: wall time.
+        function_preservation_error: the largest relative output error of a model permuted into
+            the shared basis (0.0 when nothing moved; None with ``check=False``).
+        function_checks: per model, its check's report (None: not permuted, or not checked).
     """
 
     merged: Model
@@ -83,6 +95,8 @@ class MergeManyResult:
     objective_after: float
     method: str
     seconds: float
+    function_preservation_error: float | None = None
+    function_checks: tuple[PreservationReport | None, ...] = ()
 
     def report(self) -> dict[str, Any]:
         """The numbers, for provenance."""
@@ -90,6 +104,9 @@ class MergeManyResult:
             "method": self.method, "rounds": self.rounds, "converged": self.converged,
             "objective_before": self.objective_before, "objective_after": self.objective_after,
             "objectives": list(self.objectives), "seconds": self.seconds,
+            "function_preservation_error": self.function_preservation_error,
+            "function_checks": [None if r is None else {"relative_error": r.relative_error, "runs": list(r.runs),
+                                                        "skipped": list(r.skipped)} for r in self.function_checks],
         }  # fmt: skip
 
 
@@ -104,12 +121,15 @@ def merge_many(
     seed: int = 0,
     init: Sequence[Mapping[str, torch.Tensor]] | None = None,
     backend: str = "auto",
+    check: bool = True,
 ) -> MergeManyResult:
     """MergeMany: align every model to the mean of the others until ``F`` stops rising, then average.
 
-    Pass modules and ``example_inputs`` (the spec is traced from the first model), or any models
-    with a ``spec``. ``init`` optionally gives starting permutations (one per model, into a shared
-    basis). Warns with :class:`NotConvergedWarning` if ``max_rounds`` ran out first.
+    Pass modules and ``example_inputs`` (the spec is traced from the first model unless ``spec``
+    is given). ``init`` optionally gives starting permutations (one per model, into a shared
+    basis). Warns with :class:`NotConvergedWarning` if ``max_rounds`` ran out first. Each model's
+    permutation is checked to keep its function (see the module docstring); ``check=False`` skips
+    that, and then state dicts with a ``spec`` are accepted too (nothing vouches for the result).
 
     Example:
         >>> import torch, permerge as pm
@@ -120,15 +140,15 @@ def merge_many(
         (True, True)
     """
     start = time.perf_counter()
-    spec, sds = _prepare(models, example_inputs, spec, example_kwargs)
-    if max_rounds < 1 or not tol >= 0:
-        raise ValueError(f"max_rounds must be >= 1 and tol >= 0, got {max_rounds} and {tol}")
+    _check_options(max_rounds=max_rounds, tol=tol)
+    if init is not None and len(init) != len(models):
+        raise PermergeError(f"init holds {len(init)} permutations for {len(models)} models; give one per model")
+    spec, sds = _prepare(models, example_inputs, spec, example_kwargs, check)
     perms = [identity(spec) for _ in sds] if init is None else [_checked(spec, p) for p in init]
-    if len(perms) != len(sds):
-        raise ValueError(f"init holds {len(perms)} permutations for {len(sds)} models")
     before = objective(spec, sds)
     perms, rounds, converged, history = _rounds(spec, sds, perms, max_rounds, tol, seed, backend)
-    return _finish(models, spec, sds, perms, rounds, converged, history, before, "many", start)
+    return _finish(models, spec, sds, perms, rounds, converged, history, before, "many", start,
+                   example_inputs if check else None, example_kwargs)  # fmt: skip
 
 
 def c2m3_merge(
@@ -144,19 +164,20 @@ def c2m3_merge(
     tol: float = 1e-6,
     seed: int = 0,
     backend: str = "auto",
+    check: bool = True,
     quiet: bool = False,
 ) -> MergeManyResult:
     """C2M3: cycle-consistent Frank–Wolfe matching of all models at once, then average.
 
     ``max_iter`` and ``fw_tol`` bound the Frank–Wolfe iterations (see
     :func:`~permerge.match.c2m3.c2m3_matching`); with ``refine``, MergeMany rounds (at most
-    ``max_rounds``, stopping rule ``tol``) polish the projected permutations. Warns with :class:`NotConvergedWarning`
-    if either stopped at its limit. Arguments otherwise as :func:`merge_many`.
+    ``max_rounds``, stopping rule ``tol``) polish the projected permutations. Warns with
+    :class:`NotConvergedWarning` if either stopped at its limit. Arguments (``check`` included)
+    otherwise as :func:`merge_many`.
     """
     start = time.perf_counter()
-    spec, sds = _prepare(models, example_inputs, spec, example_kwargs)
-    if max_rounds < 1 or not tol >= 0 or not fw_tol >= 0:
-        raise ValueError(f"max_rounds must be >= 1 and tol, fw_tol >= 0, got {max_rounds}, {tol} and {fw_tol}")
+    _check_options(max_rounds=max_rounds, tol=tol, max_iter=max_iter, fw_tol=fw_tol)
+    spec, sds = _prepare(models, example_inputs, spec, example_kwargs, check)
     fw = c2m3_matching(spec, sds, max_iter=max_iter, tol=fw_tol, backend=backend, quiet=quiet)
     perms, rounds, converged, history = list(fw.permutations), fw.iterations, fw.converged, list(fw.objectives)
     if not converged:
@@ -165,7 +186,8 @@ def c2m3_merge(
     if refine:
         perms, extra, converged, polished = _rounds(spec, sds, perms, max_rounds, tol, seed, backend)
         rounds, history = rounds + extra, history + polished
-    return _finish(models, spec, sds, perms, rounds, converged, history, fw.objective_before, "c2m3", start)
+    return _finish(models, spec, sds, perms, rounds, converged, history, fw.objective_before, "c2m3", start,
+                   example_inputs if check else None, example_kwargs)  # fmt: skip
 
 
 def objective(spec: PermutationSpec, sds: Sequence[Mapping[str, torch.Tensor]]) -> float:
@@ -206,15 +228,29 @@ def _rounds(spec: PermutationSpec, sds: Sequence[Mapping[str, torch.Tensor]], pe
     return perms, rounds, converged, history
 
 
+def _check_options(*, max_rounds: int, tol: float, max_iter: int = 0, fw_tol: float = 0.0) -> None:
+    positive("max_rounds", max_rounds, integer=True)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise PermergeError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    for name, value in (("tol", tol), ("fw_tol", fw_tol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise PermergeError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def _prepare(models: Sequence[Model], example_inputs: Any, spec: PermutationSpec | None,
-             example_kwargs: Mapping[str, Any] | None) -> tuple[PermutationSpec, list[dict[str, torch.Tensor]]]:  # fmt: skip
+             example_kwargs: Mapping[str, Any] | None, check: bool) -> tuple[PermutationSpec, list[dict[str, torch.Tensor]]]:  # fmt: skip
+    """Everything checkable before matching (the function check's requirements included), and the spec."""
     if len(models) < 2:
-        raise ValueError(f"merging N models needs at least 2, got {len(models)}")
+        raise PermergeError(f"merging N models needs at least 2, got {len(models)}")
+    modules = all(isinstance(m, nn.Module) for m in models)
+    if check and not (modules and example_inputs is not None):
+        raise PermergeError("an N-model merge checks that each model's permutation keeps its function: pass modules "
+                            "and example_inputs= (or check=False, with a spec, to merge state dicts unchecked)")  # fmt: skip
+    if spec is None and not (isinstance(models[0], nn.Module) and example_inputs is not None):
+        raise PermergeError("an N-model merge needs a spec, or modules plus example_inputs to trace one")
     sds = [state_dict_of(m) for m in models]
-    check_same_architecture(sds)
+    check_compatible(sds, [f"model {i}" for i in range(len(sds))])
     if spec is None:
-        if not isinstance(models[0], nn.Module) or example_inputs is None:
-            raise ValueError("an N-model merge needs a spec, or modules plus example_inputs to trace one")
         spec = trace(models[0], example_inputs, example_kwargs=example_kwargs)
     else:
         spec.validate(sds[0])
@@ -238,8 +274,15 @@ def _module(like: nn.Module, sd: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 def _finish(models: Sequence[Model], spec: PermutationSpec, sds: list[dict[str, torch.Tensor]], perms: list[Permutation],
-            rounds: int, converged: bool, history: list[float], before: float, method: str,
-            start: float) -> MergeManyResult:  # fmt: skip
+            rounds: int, converged: bool, history: list[float], before: float, method: str, start: float,
+            example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> MergeManyResult:  # fmt: skip
+    """The aligned models and their average, after checking each permutation keeps its model's function
+    (``example_inputs`` None: unchecked)."""
+    checks: tuple[PreservationReport | None, ...] = ()
+    error = None
+    if example_inputs is not None:
+        checks = tuple(check_permutations(models, spec, perms, example_inputs, example_kwargs=example_kwargs))  # type: ignore[arg-type]
+        error = max((r.relative_error for r in checks if r is not None), default=0.0)
     aligned_sds = [apply_permutation(spec, p, sd) for p, sd in zip(perms, sds)]
     merged: Model = merge(aligned_sds)  # type: ignore[assignment]
     aligned: tuple[Model, ...] = tuple(aligned_sds)
@@ -249,4 +292,5 @@ def _finish(models: Sequence[Model], spec: PermutationSpec, sds: list[dict[str, 
     seconds = time.perf_counter() - start
     LOG.info("%s: %d models, objective %.6g -> %.6g in %d rounds (%.2f s, %s)", method, len(sds), before, after, rounds,
              seconds, "converged" if converged else "not converged")  # fmt: skip
-    return MergeManyResult(merged, tuple(perms), aligned, rounds, converged, tuple(history), before, after, method, seconds)
+    return MergeManyResult(merged, tuple(perms), aligned, rounds, converged, tuple(history), before, after, method, seconds,
+                           error, checks)  # fmt: skip

@@ -68,7 +68,6 @@ import copy
 import datetime
 import logging
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -84,7 +83,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src")]  # this checkout's permerge and common.py
 
-from common import cached_model, load_fashion_mnist, num_params, train  # noqa: E402
+from common import cached_model, load_fashion_mnist, num_params, save_results, train  # noqa: E402
 
 import permerge  # noqa: E402
 from permerge.demo import compare_curves, has_batchnorm  # noqa: E402
@@ -321,7 +320,6 @@ def main() -> None:
     table += "\n\n" + QUALITY_HEADER + "\n" + "\n".join(quality_row(by_name[n], quality[n]) for n in DISPLAY if n in quality)
     table += "\n\n" + quality_verdicts(quality, by_name)
     print(table)
-    cmd = shlex.join(["python", "benchmarks/barriers.py", *sys.argv[1:]])
     note = (
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch "
         f"{torch.__version__}, {args.threads} threads; {time.perf_counter() - start:.0f} s in all. CNNs trained on the "
@@ -331,9 +329,7 @@ def main() -> None:
         "Cells are loss barrier / accuracy barrier (percentage points). 'REPAIR vs ...' is the relative change of "
         "the loss barrier (negative = REPAIR lowers it)."
     )
-    out = HERE / "results" / "barriers.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# Barriers: naive / aligned / BN reset / REPAIR\n\n```\n{cmd}\n```\n\n{table}\n\n{note}\n")
+    out = save_results("barriers", "Barriers: naive / aligned / BN reset / REPAIR; matchers", table, note)
     LOG.info("wrote %s", out)
 
 

@@ -170,8 +170,10 @@ def _run_hf(args: argparse.Namespace) -> Outcome:
         raise PermergeError(f"Hugging Face directories are aligned by weight matching only, not --method {args.method}")
     if args.data is not None:
         raise PermergeError("--data is for --method activation/ste/sinkhorn, which need --model")
-    if args.restarts is not None:
-        raise PermergeError("--restarts applies to --model checkpoints only, not to Hugging Face directories")
+    given = [f"--{k}" for k in ("restarts", "steps", "lr", "batches") if getattr(args, k) is not None]
+    if given:
+        raise PermergeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --model checkpoints only, "
+                            "not to Hugging Face directories")  # fmt: skip
     dtype = resolve_dtype(args.out_dtype)
     if args.max_shard_size is not None:
         parse_size(args.max_shard_size)

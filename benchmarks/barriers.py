@@ -26,11 +26,9 @@ without normalisation.
 Per model, on the first ``--test-size`` test images, with an ``--alphas``-point grid:
 
 * **naive**: ``(1-α)·A + α·B`` as trained (BN running statistics interpolated, not re-estimated);
-* **aligned**: B weight-matched to A (``permerge.align``), same interpolation. Weight matching's
-  coordinate descent can stop in a poor local optimum on deep nets (on the 8x256 MLP, seed 0
-  reached objective 466 and an aligned barrier of 0.75, seed 1 478 and 0.33), so we run it from
-  ``--wm-restarts`` seeds and keep the permutation with the highest matching objective -- chosen
-  without data, never by barrier;
+* **aligned**: B weight-matched to A (``permerge.align``, ``init="anneal"``: the annealed
+  Sinkhorn-relaxed start, then the best objective of ``--wm-restarts`` seeded descents from it),
+  same interpolation;
 * **+BN reset**: aligned, BatchNorm statistics re-estimated at every α, endpoints included (BN
   models only), on ``--stats-batches`` batches of 100 training images;
 * **+REPAIR**: aligned + ``permerge.repair`` at every α, on the same training batches;
@@ -44,6 +42,17 @@ Per model, on the first ``--test-size`` test images, with an ``--alphas``-point 
 * **REPAIR vs aligned**: relative change of the loss barrier, ``REPAIR / aligned - 1`` (for BN
   nets relative to the BN-reset barrier too, the fair baseline there).
 
+A second table measures the matchers themselves, each loss barrier taken *with* BN reset on BN
+nets (the fair barrier there) and as is elsewhere:
+
+* **WM, 5 seeds**: weight matching with its default start (better of identity and signature
+  match) for seeds 0..4 ("before"), and with ``init="anneal", restarts=--wm-restarts`` ("after"):
+  median and worst loss barrier on the ``--spread-alphas`` grid, and the range of the objective;
+* **STE** (``ste_matching``: Git Re-Basin's straight-through estimator, midpoint loss) and
+  **Sinkhorn** (``sinkhorn_matching``: Sinkhorn re-basin, random-point loss), both started from
+  the annealed weight matching and trained on ``--learn-batches`` batches of 100 training images,
+  against the aligned (WM) barrier of the first table, on the same ``--alphas`` grid.
+
 Barriers follow Git Re-Basin: the worst excess of the loss (deficit of the accuracy) over the
 straight line between the endpoints' values; they are computed by ``permerge.evaluate``.
 """
@@ -55,10 +64,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see BENCHMARKING.md
 
 import argparse
+import copy
 import datetime
 import logging
 import platform
-import shlex
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -73,11 +83,12 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "src")]  # this checkout's permerge and common.py
 
-from common import cached_model, load_fashion_mnist, num_params, train  # noqa: E402
+from common import cached_model, load_fashion_mnist, num_params, save_results, train  # noqa: E402
 
 import permerge  # noqa: E402
 from permerge.demo import compare_curves, has_batchnorm  # noqa: E402
 from permerge.evaluate import interpolation_curve  # noqa: E402
+from permerge.match import weight_matching  # noqa: E402
 from permerge.models import MLP, VGG, ResNet20  # noqa: E402
 from permerge.repair import repair_transform  # noqa: E402
 
@@ -201,6 +212,64 @@ def width_trend(barriers: dict[str, dict[str, float]], by_name: dict[str, Spec])
     return "\n".join(lines)
 
 
+QUALITY_HEADER = (
+    "| model | WM, 5 seeds, before: median / worst loss barrier (objective range) | after (annealed start + restarts): median / "
+    "worst (objective range) | worst / best, before → after | aligned (WM) | STE | Sinkhorn | STE / Sinkhorn s |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def matchers(spec: Spec, a: nn.Module, b: nn.Module, x: torch.Tensor, y: torch.Tensor, test: list[Any],
+             stats: list[Any], wm_barrier: float, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """Weight matching's spread over 5 seeds (default start vs annealed), STE and Sinkhorn; barriers
+    with BN reset on BN nets."""
+    bn = {"bn_reset": stats, "bn_batches": args.stats_batches} if has_batchnorm(a) else {}
+    trace = permerge.trace(a, x[:2])
+    out: dict[str, Any] = {"wm": wm_barrier}
+    for label, init, restarts in (("before", None, 1), ("after", "anneal", args.wm_restarts)):
+        barriers_, objectives = [], []
+        for seed in range(5):
+            res = weight_matching(trace, a.state_dict(), b.state_dict(), seed=seed, init=init, restarts=restarts,
+                                  quiet=True)  # fmt: skip
+            aligned = copy.deepcopy(b)
+            aligned.load_state_dict(permerge.apply_permutation(trace, res.permutation, b.state_dict()))
+            barriers_.append(interpolation_curve(a, aligned, test, alphas=args.spread_alphas, **bn).loss_barrier)
+            objectives.append(res.total_after)
+        out[label] = (barriers_, objectives)
+    learn = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 100 * args.learn_batches, 100)]
+    for name in ("ste", "sinkhorn"):
+        t0 = time.perf_counter()
+        res = permerge.align(a, b, x[:2], name, data=learn, init="anneal", steps=args.learn_steps, quiet=True)
+        out[f"{name} s"] = time.perf_counter() - t0
+        out[name] = interpolation_curve(a, res.model, test, alphas=args.alphas, **bn).loss_barrier
+    return out
+
+
+def quality_row(spec: Spec, q: dict[str, Any]) -> str:
+    def spread(label: str) -> str:
+        bs, objs = q[label]
+        return f"{statistics.median(bs):.3f} / {max(bs):.3f} ({min(objs):.1f}–{max(objs):.1f})"
+
+    ratio = " → ".join(f"{max(q[k][0]) / max(min(q[k][0]), 1e-9):.2f}" for k in ("before", "after"))
+    return (f"| {spec.label} | {spread('before')} | {spread('after')} | {ratio} | {q['wm']:.3f} | {q['ste']:.3f} | "
+            f"{q['sinkhorn']:.3f} | {q['ste s']:.0f} / {q['sinkhorn s']:.0f} |")  # fmt: skip
+
+
+def quality_verdicts(quality: dict[str, dict[str, Any]], by_name: dict[str, Spec]) -> str:
+    names = [n for n in DISPLAY if n in quality]
+    lines = ["Targets (matchers):"]
+    for label in ("before", "after"):
+        ok = [n for n in names if max(quality[n][label][0]) <= 1.1 * min(quality[n][label][0])]
+        lines.append(f"- weight matching {label} the fix, worst of 5 seeds within 10% of the best: {len(ok)}/{len(names)}"
+                     + (f" (not: {', '.join(by_name[n].label for n in names if n not in ok)})" if len(ok) < len(names) else ""))  # fmt: skip
+    for m in ("ste", "sinkhorn"):
+        le = [n for n in names if quality[n][m] <= quality[n]["wm"] + 1e-6]
+        lt = [n for n in names if quality[n][m] < quality[n]["wm"] - 1e-6]
+        lines.append(f"- {m.upper() if m == 'ste' else 'Sinkhorn'} ≤ weight matching's loss barrier: {len(le)}/{len(names)}, "
+                     f"lower on {len(lt)}/{len(names)}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -210,7 +279,10 @@ def main() -> None:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--stats-batches", type=int, default=10, help="batches of 100 training images for BN reset / REPAIR")
     p.add_argument("--alphas", type=int, default=5, help="α grid points (odd, so 0.5 is on it)")
-    p.add_argument("--wm-restarts", type=int, default=3, help="weight-matching seeds; the best objective is kept")
+    p.add_argument("--wm-restarts", type=int, default=4, help="weight matching's restarts (from the annealed start)")
+    p.add_argument("--spread-alphas", type=int, default=3, help="α grid of the 5-seed weight-matching barriers")
+    p.add_argument("--learn-batches", type=int, default=50, help="batches of 100 training images for STE / Sinkhorn")
+    p.add_argument("--learn-steps", type=int, default=200, help="STE / Sinkhorn optimisation steps")
     p.add_argument("--models", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -224,17 +296,14 @@ def main() -> None:
     stats = [(x[i : i + 100], y[i : i + 100]) for i in range(len(x) - 100 * args.stats_batches, len(x), 100)]
     rows: dict[str, str] = {}
     barriers: dict[str, dict[str, float]] = {}
+    quality: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     for spec in wanted:
         t0 = time.perf_counter()
         a, b = load_pair(spec, x, y, args)
         t1 = time.perf_counter()
-        runs = [permerge.align(a, b, x[:2], seed=s, quiet=True) for s in range(args.wm_restarts)]
-        objectives = [r.report["total_after"] for r in runs]
-        best = max(range(len(runs)), key=objectives.__getitem__)
-        LOG.info("%s: weight-matching objective per seed %s; using seed %d", spec.name,
-                 [round(o, 2) for o in objectives], best)  # fmt: skip
-        curves = compare_curves(a, b, test, x[:2], aligned=runs[best].model, stats_data=stats,
+        wm = permerge.align(a, b, x[:2], init="anneal", restarts=args.wm_restarts, quiet=True)
+        curves = compare_curves(a, b, test, x[:2], aligned=wm.model, stats_data=stats,
                                 bn_batches=args.stats_batches, repair_batches=args.stats_batches, alphas=args.alphas)  # fmt: skip
         am = permerge.align(a, b, x[:2], method="activation", data=stats, quiet=True).model
         curves["aligned (AM)"] = interpolation_curve(a, am, test, alphas=args.alphas)
@@ -243,22 +312,24 @@ def main() -> None:
         rows[spec.name] = row(spec, a, curves, time.perf_counter() - t1)
         barriers[spec.name] = {k: c.loss_barrier for k, c in curves.items()}
         LOG.info("%s (train/load %.0f s, BN %s):\n%s", spec.name, t1 - t0, has_batchnorm(a), rows[spec.name])
+        fair = "aligned+BN reset" if "aligned+BN reset" in curves else "aligned"
+        quality[spec.name] = matchers(spec, a, b, x, y, test, stats, curves[fair].loss_barrier, args)
+        LOG.info("%s matchers:\n%s", spec.name, quality_row(spec, quality[spec.name]))
     table = HEADER + "\n" + "\n".join(rows[n] for n in DISPLAY if n in rows)
     table += "\n\n" + verdicts(barriers, by_name) + "\n\n" + width_trend(barriers, by_name)
+    table += "\n\n" + QUALITY_HEADER + "\n" + "\n".join(quality_row(by_name[n], quality[n]) for n in DISPLAY if n in quality)
+    table += "\n\n" + quality_verdicts(quality, by_name)
     print(table)
-    cmd = shlex.join(["python", "benchmarks/barriers.py", *sys.argv[1:]])
     note = (
         f"Measured {datetime.date.today()} on {platform.machine()} ({os.cpu_count()} CPU cores, shared), torch "
         f"{torch.__version__}, {args.threads} threads; {time.perf_counter() - start:.0f} s in all. CNNs trained on the "
         f"first {args.train_size} Fashion-MNIST training images for {args.epochs} epoch(s), the MLP on all 60k for "
-        f"{args.mlp_epochs}; weight matching: best objective of {args.wm_restarts} seeds; activation matching on the BN-reset/REPAIR batches; barriers on the first {args.test_size} test images, {args.alphas}-point α grid; BN reset "
+        f"{args.mlp_epochs}; weight matching: init='anneal', restarts={args.wm_restarts}; activation matching on the BN-reset/REPAIR batches; barriers on the first {args.test_size} test images, {args.alphas}-point α grid; BN reset "
         f"and REPAIR on {args.stats_batches} batches of 100 training images (from the end of the training set).\n"
         "Cells are loss barrier / accuracy barrier (percentage points). 'REPAIR vs ...' is the relative change of "
         "the loss barrier (negative = REPAIR lowers it)."
     )
-    out = HERE / "results" / "barriers.md"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(f"# Barriers: naive / aligned / BN reset / REPAIR\n\n```\n{cmd}\n```\n\n{table}\n\n{note}\n")
+    out = save_results("barriers", "Barriers: naive / aligned / BN reset / REPAIR; matchers", table, note)
     LOG.info("wrote %s", out)
 
 

@@ -17,7 +17,6 @@ Nothing here modifies a model it is given, except :func:`train`, whose job that 
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
 import gzip
@@ -43,6 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from permerge import interpolate
+from permerge.demo import has_batchnorm
+from permerge.evaluate import accuracy
+from permerge.evaluate import barrier as pm_barrier
+from permerge.evaluate import evaluate as pm_evaluate
+from permerge.repair import reset_bn_stats as pm_reset_bn_stats
 
 LOG = logging.getLogger(__name__)
 
@@ -289,57 +295,22 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
+def _batches(x: Tensor, y: Tensor, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    return list(zip(iter_batches(x, batch_size), iter_batches(y, batch_size)))
+
+
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) of ``model`` in eval mode.
-
-    The model's train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    try:
-        for i in range(0, len(x), batch_size):
-            logits = model(x[i : i + batch_size])
-            target = y[i : i + batch_size]
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").item()
-            correct += (logits.argmax(1) == target).sum().item()
-    finally:
-        model.train(was_training)
-    return loss_sum / len(x), correct / len(x)
+    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) of ``model`` in eval mode
+    (:func:`permerge.evaluate.evaluate` over batches of ``batch_size`` rows; the mode is restored)."""
+    r = pm_evaluate(model, _batches(x, y, batch_size), F.cross_entropy, {"accuracy": accuracy})
+    return r["loss"], r["accuracy"]
 
 
-_BN = (nn.modules.batchnorm._BatchNorm,)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _BN) for m in model.modules())
-
-
-@torch.no_grad()
 def reset_bn_stats(model: nn.Module, x: Tensor, batches: int = 10, batch_size: int = 500) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``x``.
-
-    Runs the first ``batches`` batches of ``batch_size`` rows of ``x`` through the copy in train
-    mode with ``momentum=None`` (a cumulative average over the batches, not an exponential one) and
-    fresh statistics; every other module runs as in train mode too, so pass a model without dropout
-    or accept its noise. Returns the copy in eval mode, the momentum restored; ``model`` is untouched.
-    Models without BatchNorm are returned as an eval-mode copy.
-    """
-    model = copy.deepcopy(model)
-    norms = [m for m in model.modules() if isinstance(m, _BN)]
-    if not norms:
-        return model.eval()
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    for xb in iter_batches(x, batch_size, limit=batches):
-        model(xb)
-    for m, mom in zip(norms, momenta):
-        m.momentum = mom
-    return model.eval()
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on the first
+    ``batches`` batches of ``batch_size`` rows of ``x`` (:func:`permerge.repair.reset_bn_stats`), in
+    eval mode; ``model`` is untouched."""
+    return pm_reset_bn_stats(model, iter_batches(x, batch_size, limit=batches), batches).eval()
 
 
 @dataclass(frozen=True)
@@ -373,6 +344,10 @@ def barrier(
 ) -> BarrierResult:
     """Test loss and accuracy barriers of the straight line from ``model_a`` to ``model_b``.
 
+    Each point is ``permerge.interpolate`` (BatchNorm reset by :func:`reset_bn_stats` when
+    ``bn_reset``), evaluated by :func:`evaluate`; the barriers are :func:`permerge.evaluate.barrier`
+    (definition ``"line"``).
+
     Args:
         model_a, model_b: same architecture; B already aligned to A (or not, for the naive
             baseline). Neither is modified.
@@ -388,8 +363,6 @@ def barrier(
     Returns:
         A :class:`BarrierResult`; barriers can be slightly negative when the path is convex.
     """
-    from permerge import interpolate
-
     grid = tuple(float(a) for a in (torch.linspace(0, 1, alphas).tolist() if isinstance(alphas, int) else alphas))
     if grid[0] != 0.0 or grid[-1] != 1.0:
         raise ValueError(f"the α grid must start at 0 and end at 1, got {grid}")
@@ -406,10 +379,7 @@ def barrier(
             loss, acc = evaluate(m, x, y, batch_size)
         losses.append(loss)
         accs.append(acc)
-    la, lb, aa, ab = losses[0], losses[-1], accs[0], accs[-1]
-    loss_barrier = max(loss - ((1 - a) * la + a * lb) for a, loss in zip(grid, losses))
-    acc_barrier = max(((1 - a) * aa + a * ab) - c for a, c in zip(grid, accs))
-    return BarrierResult(grid, tuple(losses), tuple(accs), loss_barrier, acc_barrier)
+    return BarrierResult(grid, tuple(losses), tuple(accs), pm_barrier(losses, grid), pm_barrier(accs, grid, True))
 
 
 # -- timing and memory ------------------------------------------------------------------------

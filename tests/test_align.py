@@ -147,8 +147,8 @@ def test_align_rejects_nan_weights_bad_inputs_and_unknown_method():
     b = copy.deepcopy(a)
     with pytest.raises(TraceError, match="forward failed on the example input"):
         pm.align(a, b, torch.randn(2, 5))
-    with pytest.raises(UnknownMatcherError, match="registered: activation, ste, weight"):
-        pm.align(a, b, x, "sinkhorn")
+    with pytest.raises(UnknownMatcherError, match="registered: activation, sinkhorn, ste, weight"):
+        pm.align(a, b, x, "annealing")
     with pytest.raises(PermergeError, match="activation matching needs data"):
         pm.align(a, b, x, "activation")
 

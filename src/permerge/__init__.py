@@ -29,7 +29,7 @@ from permerge.match import activation_matching, ste_matching, weight_matching
 from permerge.match.stream import stream_weight_matching
 from permerge.match.symmetry import transform_activation_matching, transform_weight_matching
 from permerge.merge import interpolate
-from permerge.merge.many import merge_many
+from permerge.merge.many import c2m3_merge, merge_many
 from permerge.merge.partial import partial_merge
 from permerge.merge.pleas import pleas
 from permerge.merge.zipit import zipit
@@ -54,6 +54,7 @@ __all__ = [
     "interpolate",
     "merge",
     "merge_many",
+    "c2m3_merge",
     "partial_merge",
     "pleas",
     "zipit",

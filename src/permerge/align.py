@@ -35,7 +35,7 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["AlignResult", "align", "check_method", "check_models"]
 
-_NEEDS_DATA = {"activation": "activation matching", "ste": "STE matching"}
+_NEEDS_DATA = {"activation": "activation matching", "ste": "STE matching", "sinkhorn": "Sinkhorn matching"}
 
 
 @dataclass(frozen=True)

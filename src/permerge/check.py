@@ -42,11 +42,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from permerge.apply import apply_transform, permute_tensor
-from permerge.errors import ConfigMismatchError, FunctionNotPreservedError, StateDictMismatchError
+from permerge.errors import (
+    ConfigMismatchError,
+    FunctionNotPreservedError,
+    PermergeError,
+    StateDictMismatchError,
+)
 from permerge.graph.capture import Program, as_args
 from permerge.graph.run import run_program
 from permerge.io.read import TensorSource
-from permerge.permutation import random_permutation
+from permerge.permutation import is_identity, random_permutation
 from permerge.spec import PermutationSpec
 
 __all__ = [
@@ -55,6 +60,7 @@ __all__ = [
     "all_finite",
     "check_compatible",
     "check_function_preserved",
+    "check_permutations",
     "check_same_function",
     "model_outputs",
     "output_error",
@@ -428,6 +434,35 @@ def check_function_preserved(
     """
     perm = dict(perm) if perm is not None else random_permutation(spec, seed)
     return _check_state(model, model.state_dict(), spec, perm, as_args(example_inputs), dict(example_kwargs or {}), tol, seed)
+
+
+def check_permutations(
+    models: Sequence[nn.Module],
+    spec: PermutationSpec,
+    permutations: Sequence[Mapping[str, Any]],
+    example_inputs: Any,
+    *,
+    example_kwargs: Mapping[str, Any] | None = None,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> list[PreservationReport | None]:
+    """:func:`check_function_preserved` for each model and its permutation (into a merged basis, say):
+    a merge changes the function on purpose, the permutations must not. ``None``: nothing moved.
+
+    Raises:
+        FunctionNotPreservedError: prefixed with the model's index.
+    """
+    reports: list[PreservationReport | None] = []
+    for i, (model, perm) in enumerate(zip(models, permutations)):
+        if is_identity(perm):
+            reports.append(None)
+            continue
+        try:
+            reports.append(check_function_preserved(model, spec, example_inputs, perm, example_kwargs=example_kwargs,
+                                                    tol=tol, seed=seed))  # fmt: skip
+        except PermergeError as e:
+            raise type(e)(f"model {i}: {e}") from e
+    return reports
 
 
 def check_same_function(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -59,6 +60,19 @@ def test_align_writes_aligned_model_permutation_spec_provenance(ckpts, tmp_path,
     prov = __import__("json").loads((out / "provenance.json").read_text())
     assert prov["inputs"]["a"]["sha256"] == {"a.safetensors": digests[0]}
     assert prov["report"]["method"] == "weight" and prov["config"]["method"] == "weight"
+
+
+def test_align_restarts_and_learned_matching_options(ckpts, tmp_path, capsys):
+    a, b = ckpts
+    assert main(["align", *MODEL, str(a), str(b), "--restarts", "3", "-o", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "provenance.json").read_text())["report"]
+    assert len(report["restarts"]) == 3 and report["total_after"] == max(report["restarts"])
+    assert main(["align", *MODEL, str(a), str(b), "--steps", "5", "-o", str(tmp_path / "s")]) == 2
+    assert "--steps cannot be used with --method weight" in capsys.readouterr().err
+    assert main(["align", *MODEL, str(a), str(b), "--method", "ste", "--restarts", "2", "--lr", "0.1",
+                 "-o", str(tmp_path / "t")]) == 2  # fmt: skip
+    assert "--restarts cannot be used with --method ste" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
 
 
 def test_align_refuses_existing_output_unless_forced(ckpts, tmp_path, capsys):
@@ -121,7 +135,7 @@ def test_interrupted_write_leaves_no_output(ckpts, tmp_path, monkeypatch, capsys
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is main()'s only
 
 
-@pytest.mark.parametrize("method", ["weight", "many", "average"])
+@pytest.mark.parametrize("method", ["weight", "many", "c2m3", "average"])
 def test_merge_methods(ckpts, tmp_path, capsys, method):
     a, b = ckpts
     out = tmp_path / method
@@ -130,6 +144,15 @@ def test_merge_methods(ckpts, tmp_path, capsys, method):
     merged = load_file(out / "model.safetensors")
     assert set(merged) == set(_mlp(0).state_dict())
     assert len(list(out.glob("permutation_*.safetensors"))) == (3 if method != "average" else 0)
+
+
+def test_merge_many_round_limit_is_reported(ckpts, tmp_path):
+    a, b = ckpts
+    out = tmp_path / "many"
+    with pytest.warns(UserWarning, match="MergeMany stopped after max_rounds=1"):
+        assert main(["merge", *MODEL, str(a), str(b), str(a), "--method", "many", "--max-rounds", "1", "-o", str(out)]) == 0
+    report = json.loads((out / "provenance.json").read_text())["report"]
+    assert report["rounds"] == 1 and report["converged"] is False and report["objective_after"] >= report["objective_before"]
 
 
 def test_merge_errors(ckpts, tmp_path, capsys):

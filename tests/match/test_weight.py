@@ -310,3 +310,45 @@ def test_registry():
         assert get_matcher("_test_identity") is _identity
     finally:
         del MATCHERS["_test_identity"]
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), restarts=st.integers(2, 4))
+def test_restarts_never_return_a_lower_objective_than_one_run(seed, restarts):
+    spec, sd_a, sd_b = _two_models("mlp")
+    one = weight_matching(spec, sd_a, sd_b, seed=seed, quiet=True)
+    best = weight_matching(spec, sd_a, sd_b, seed=seed, restarts=restarts, quiet=True)
+    assert len(best.restarts) == restarts and best.restarts[0] == one.total_after  # attempt 0 is the single run
+    assert best.total_after == max(best.restarts) >= one.total_after
+    aligned = pm.apply_permutation(spec, best.permutation, sd_b)  # the reported objective is the permutation's
+    direct = sum(torch.dot(sd_a[k].flatten().float(), aligned[k].flatten().float()).item() for k in spec.keys)
+    assert direct == pytest.approx(best.total_after, rel=1e-5)
+
+
+def test_parallel_restarts_give_the_sequential_result():
+    spec, sd_a, sd_b = _two_models("mlp")
+    seq = weight_matching(spec, sd_a, sd_b, seed=2, restarts=3, workers=1, quiet=True)
+    par = weight_matching(spec, sd_a, sd_b, seed=2, restarts=3, workers=3, quiet=True)
+    assert seq.restarts == par.restarts
+    assert all(torch.equal(seq.permutation[g], par.permutation[g]) for g in spec.names)
+    with pytest.raises(ValueError, match="restarts must be >= 1"):
+        weight_matching(spec, sd_a, sd_b, restarts=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet20", "transformer_torch"])
+def test_annealed_start_recovers_planted_permutation(name):
+    model, _, _, spec = traced(name)
+    sd_a = model.state_dict()
+    sd_b = pm.apply_permutation(spec, pm.random_permutation(spec, 4), sd_a)
+    res = weight_matching(spec, sd_a, sd_b, init="anneal", quiet=True)
+    aligned = pm.apply_permutation(spec, res.permutation, sd_b)
+    assert [k for k in sd_a if not torch.equal(aligned[k], sd_a[k])] == []
+
+
+def test_annealed_start_is_deterministic_and_checked():
+    spec, sd_a, sd_b = _two_models("mlp")
+    one, two = (weight_matching(spec, sd_a, sd_b, init="anneal", quiet=True) for _ in range(2))
+    assert all(torch.equal(one.permutation[g], two.permutation[g]) for g in spec.names)
+    assert one.total_after > one.total_before
+    with pytest.raises(ValueError, match="init must be a permutation, None or 'anneal'"):
+        weight_matching(spec, sd_a, sd_b, init="annealing")

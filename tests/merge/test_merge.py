@@ -69,7 +69,7 @@ def _vggs():
     return a, b, torch.randn(3, 1, 28, 28)
 
 
-@pytest.mark.parametrize("method", ["weight", "many", "average", "partial"])
+@pytest.mark.parametrize("method", ["weight", "many", "c2m3", "average", "partial"])
 def test_every_method_checks_its_permutations_and_mutates_nothing(method):
     a, b, x = _vggs()
     before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
@@ -78,7 +78,7 @@ def test_every_method_checks_its_permutations_and_mutates_nothing(method):
     assert all(torch.equal(v, sd[k]) for m, sd in zip((a, b), before) for k, v in m.state_dict().items())
 
 
-@pytest.mark.parametrize("method", ["weight", "many"])
+@pytest.mark.parametrize("method", ["weight", "many", "c2m3"])
 def test_a_corrupted_spec_is_caught_by_every_method(method):
     a, b, x = _vggs()
     spec = pm.trace(a, x)

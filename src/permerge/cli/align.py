@@ -57,6 +57,8 @@ EPILOG = """examples:
   permerge align llama-a/ llama-b/ -o out/ --device cuda --out-dtype bfloat16
   permerge align --model mypkg.nets:vgg --input-shape 1,3,32,32 a.pt b.pt -o out --method activation --data mypkg.data:loader
   permerge align llama-a/ llama-b/ -o b-aligned/ --emit-mergekit && mergekit-yaml b-aligned/mergekit.yaml merged/
+  permerge align --model mlp a.pt b.pt -o out --method sinkhorn --data mypkg.data:train_batches --steps 300 --lr 0.05
+  permerge align --model mlp a.pt b.pt -o out --restarts 8
 """
 _HF_ONLY = ("stream", "out_dtype", "max_shard_size")
 
@@ -68,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(omit it when A and B are Hugging Face directories)")  # fmt: skip
     add_model_arguments(p, positional=False)
     p.add_argument("-o", "--out", required=True, help="output directory (new or empty, unless --force)")
-    p.add_argument("--method", default="weight", help="weight (default), activation or ste (a registered matcher)")
-    p.add_argument("--data", help="package.module:function returning batches (activation/ste)")
+    p.add_argument("--method", default="weight", help="weight (default), activation, ste or sinkhorn (a registered matcher)")
+    p.add_argument("--data", help="package.module:function returning batches (activation; (inputs, targets) for ste/sinkhorn)")
     p.add_argument("--spec", help="use this spec JSON instead of tracing (e.g. an edited `inspect --save-spec`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--symmetries", default="permutation", type=_symmetries, metavar="CLASSES",
@@ -82,6 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emit-mergekit", nargs="?", const="linear", choices=MERGEKIT_METHODS, metavar="METHOD",
                    help="also write OUT/mergekit.yaml: a mergekit recipe merging A with the aligned B "
                         f"({' or '.join(MERGEKIT_METHODS)}, default linear; needs Hugging Face models)")  # fmt: skip
+    p.add_argument("--restarts", type=int, help="weight: best objective of this many seeded descents (default 1)")
+    learned = p.add_argument_group("learned matching (ste, sinkhorn)")
+    learned.add_argument("--steps", type=int, help="optimisation steps (default: the method's)")
+    learned.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+    learned.add_argument("--batches", type=int, help="batches of --data to train on (default: all)")
     hf = p.add_argument_group("Hugging Face directories (no --model)")
     hf.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="read the checkpoints one tensor at a time (default); --no-stream loads both into RAM")  # fmt: skip
@@ -102,11 +109,22 @@ def _spec(path: str | None) -> PermutationSpec | None:
         raise SpecError(f"--spec {path}: {e}") from e
 
 
+_MATCHER_OPTIONS = {
+    "weight": ("device", "workers", "max_sweeps", "restarts"),
+    "ste": ("steps", "lr", "batches"),
+    "sinkhorn": ("steps", "lr", "batches"),
+}
+"""The matcher options each --method takes (keyword arguments of its matcher)."""
+
+
 def _matcher_options(args: argparse.Namespace) -> dict[str, object]:
-    options = {"device": resolve_device(args.device), "workers": args.workers, "max_sweeps": args.max_sweeps}
-    options = {k: v for k, v in options.items() if v is not None}
-    if options and args.method != "weight":
-        raise PermergeError(f"--{next(iter(options)).replace('_', '-')} applies to --method weight only")
+    """The matcher options given, refused (one line) for a method that does not take them."""
+    names = sorted({k for ks in _MATCHER_OPTIONS.values() for k in ks})
+    options = {k: resolve_device(v) if k == "device" else v for k in names if (v := getattr(args, k)) is not None}
+    wrong = [k for k in options if k not in _MATCHER_OPTIONS.get(args.method, ())]
+    if wrong:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in wrong)
+        raise PermergeError(f"{flags} cannot be used with --method {args.method}")
     return options
 
 
@@ -143,6 +161,10 @@ def _validate(args: argparse.Namespace) -> None:
         raise PermergeError(f"--method {args.method} aligns permutations only; use weight or activation with --symmetries")
     positive("--workers", args.workers, integer=True)
     positive("--max-sweeps", args.max_sweeps, integer=True)
+    positive("--restarts", args.restarts, integer=True)
+    positive("--steps", args.steps, integer=True)
+    positive("--lr", args.lr)
+    positive("--batches", args.batches, integer=True)
     resolve_device(args.device)
     for name, path in (("A", args.a), ("B", args.b)):
         if not Path(path).exists():
@@ -157,8 +179,8 @@ def run(args: argparse.Namespace) -> Outcome:
     if given:
         raise PermergeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to Hugging Face directories (without --model) only")
     inputs = {"a": args.a, "b": args.b}
-    check_method(args.method, has_data=args.data is not None)
     options = _matcher_options(args)
+    check_method(args.method, has_data=args.data is not None)
     spec = _spec(args.spec)
     hf_dir = hf_home(args.b, args.model)
     if args.emit_mergekit and (hf_dir is None or not is_hf_dir(args.a)):
@@ -188,7 +210,11 @@ def _run_hf(args: argparse.Namespace) -> Outcome:
     if args.method != "weight":
         raise PermergeError(f"Hugging Face directories are aligned by weight matching only, not --method {args.method}")
     if args.data is not None:
-        raise PermergeError("--data is for --method activation/ste, which need --model")
+        raise PermergeError("--data is for --method activation/ste/sinkhorn, which need --model")
+    given = [f"--{k}" for k in ("restarts", "steps", "lr", "batches") if getattr(args, k) is not None]
+    if given:
+        raise PermergeError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --model checkpoints only, "
+                            "not to Hugging Face directories")  # fmt: skip
     dtype = resolve_dtype(args.out_dtype)
     if args.max_shard_size is not None:
         parse_size(args.max_shard_size)

@@ -3,7 +3,8 @@
 Writes OUT/model.safetensors (the merged model, same keys as the inputs), OUT/permutation_<i>.
 safetensors (how each input was permuted), OUT/spec.json and OUT/provenance.json. Methods:
 weight (weight-match every model to the first, then average with --weights), many (MergeMany),
-average (no alignment: the naive baseline); for two models also partial (keep the least-matched
+c2m3 (cycle-consistent matching of all models at once; both stop on their objective or after
+--max-rounds, with a warning), average (no alignment: the naive baseline); for two models also partial (keep the least-matched
 units of both, within --budget) and pleas (partial merging refitted by layer-wise least squares on
 --data); for two or more, zipit (ZipIt!: features merged within and across models on --data, with
 --alpha, --beta and a partial --zip-depth). These write a wider model (same keys, larger shapes) and
@@ -44,15 +45,17 @@ from permerge.io.read import file_bytes
 from permerge.io.write import text_writer
 from permerge.merge.combine import METHODS, MergeResult, check_merge_request, merge_models
 from permerge.merge.zipit import check_options
+from permerge.pipeline import positive
 from permerge.progress import phase
 from permerge.report import write_report
 
 LOG = logging.getLogger(__name__)
 
-HELP = "merge 2+ checkpoints (weight matching, MergeMany, plain averaging, partial merging, PLeaS, ZipIt!)"
+HELP = "merge 2+ checkpoints (weight matching, MergeMany, C2M3, plain averaging, partial merging, PLeaS, ZipIt!)"
 EPILOG = """examples:
   permerge merge --model resnet20 a.safetensors b.safetensors -o merged/
   permerge merge --model resnet20 a.pt b.pt c.pt --method many -o merged/
+  permerge merge --model mlp a.pt b.pt c.pt d.pt --method c2m3 --max-rounds 50 -o merged/
   permerge merge --model mlp a.pt b.pt --weights 0.7,0.3 -o merged/
   permerge merge --model resnet20 a.pt b.pt --method pleas --budget 1.5 --data mypkg.data:unlabeled -o merged/
   permerge merge --model resnet20 a.pt b.pt --method partial --budget '{"blocks.0.conv1.weight:0": 2}' -o merged/
@@ -69,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=list(METHODS), default="weight")
     p.add_argument("--weights", help="comma-separated interpolation weights summing to 1 (default: uniform)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-rounds", type=int, default=100, help="many/c2m3: stop (and warn) after this many rounds")
     p.add_argument("--budget", default="1.0",
                    help="partial/pleas: merged width ratio in [1, 2] (zipit: [1, number of models]), or a JSON object "
                         "{group: ratio} (others: 1.0)")  # fmt: skip
@@ -99,7 +103,8 @@ def _weights(text: str | None) -> list[float] | None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    """Method-specific options from the flags (pleas: batches, time budget; zipit: alpha, beta, depth, batches)."""
+    """Method-specific options from the flags (pleas: batches, time budget; zipit: alpha, beta, depth, batches;
+    many/c2m3: max_rounds), checked before loading."""
     if args.method == "zipit":
         depth: float | list[str] | None = None
         if args.zip_depth is not None:
@@ -109,6 +114,9 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
                 depth = [g.strip() for g in args.zip_depth.split(",") if g.strip()]
         check_options(args.alpha, args.beta, depth)
         return {"alpha": args.alpha, "beta": args.beta, "depth": depth, "batches": args.batches}
+    if args.method in ("many", "c2m3"):
+        positive("--max-rounds", args.max_rounds, integer=True)
+        return {"max_rounds": args.max_rounds}
     return {"batches": args.batches, "max_seconds": args.max_seconds} if args.method == "pleas" else {}
 
 

@@ -4,12 +4,12 @@
 ``.permutation`` (``align`` calls it this way, whatever the method needs: weights, data, a loss).
 The built-in matchers are registered here, in the module that defines the registry, so no import
 order matters. The matchers themselves (``weight_matching``, ``activation_matching``,
-``ste_matching``) are plain functions with their own signatures.
+``ste_matching``, ``sinkhorn_matching``) are plain functions with their own signatures.
 
 Example:
     >>> from permerge.match import get_matcher
     >>> sorted(MATCHERS)
-    ['activation', 'ste', 'weight']
+    ['activation', 'sinkhorn', 'ste', 'weight']
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from torch import nn
 from permerge.errors import PermergeError
 from permerge.match.activation import ActivationMatchingResult, activation_matching
 from permerge.match.lap import available_backends, solve
+from permerge.match.learned import LearnedMatchingResult
+from permerge.match.sinkhorn import sinkhorn_matching
 from permerge.match.ste import SteMatchingResult, ste_matching
 from permerge.match.weight import WeightMatchingResult, weight_matching
 from permerge.spec import PermutationSpec
@@ -31,8 +33,10 @@ __all__ = [
     "MATCHERS",
     "ActivationMatchingResult",
     "MatchRequest",
+    "LearnedMatchingResult",
     "SteMatchingResult",
     "activation_matching",
+    "sinkhorn_matching",
     "ste_matching",
     "UnknownMatcherError",
     "WeightMatchingResult",
@@ -114,3 +118,9 @@ def _activation(req: MatchRequest) -> ActivationMatchingResult:
 def _ste(req: MatchRequest) -> SteMatchingResult:
     data = _needs_data(req, "STE")
     return ste_matching(req.spec, req.model_a, req.model_b, data, seed=req.seed, quiet=req.quiet, **req.options)
+
+
+@register_matcher("sinkhorn")
+def _sinkhorn(req: MatchRequest) -> LearnedMatchingResult:
+    data = _needs_data(req, "Sinkhorn")
+    return sinkhorn_matching(req.spec, req.model_a, req.model_b, data, seed=req.seed, quiet=req.quiet, **req.options)

@@ -43,7 +43,13 @@ from permerge.graph import Traced, trace_graph
 from permerge.graph.layers import CONV, LINEAR
 from permerge.match import lap
 from permerge.match.activation import activation_matching, batch_inputs, record
-from permerge.match.weight import _Costs, _validate, coordinate_descent, resolve_workers, weight_matching
+from permerge.match.weight import (
+    _Costs,
+    check_matchable,
+    coordinate_descent,
+    resolve_workers,
+    weight_matching,
+)
 from permerge.permutation import Permutation
 from permerge.spec import (
     CONSUMER,
@@ -465,7 +471,7 @@ def transform_weight_matching(
     dense groups must already be folded (:func:`permerge.reparam.fold_gains`).
     """
     start = time.perf_counter()
-    _validate(spec, sd_a, sd_b)
+    check_matchable(spec, [sd_a, sd_b], ["A", "B"])
     classes = resolve_symmetries(spec, symmetries)
     opts = SolverOptions(regularization, max_condition, tol)
     base = weight_matching(spec, sd_a, sd_b, seed=seed, max_sweeps=max_sweeps, quiet=quiet, device=device, workers=workers)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -38,13 +38,15 @@ import torch
 from permerge.apply import axis_index, permute_tensor
 from permerge.check import check_compatible
 from permerge.match import lap
+from permerge.match.anneal import annealed_start
+from permerge.match.restarts import best_of, restart_start
 from permerge.permutation import Permutation, check_permutation, identity
 from permerge.progress import DELAY_S, progress
 from permerge.spec import Axis, Group, PermutationSpec
 
 LOG = logging.getLogger(__name__)
 
-__all__ = ["WeightMatchingResult", "weight_matching"]
+__all__ = ["WeightMatchingResult", "check_matchable", "weight_matching"]
 
 _CACHE_BYTES = 1 << 30
 """Memory for cached per-tensor cost terms; terms beyond it are recomputed at every visit."""
@@ -65,6 +67,8 @@ class WeightMatchingResult:
         total_before / total_after: the same sum over every tensor the spec touches, each once.
         backend: the LAP backend used.
         seconds: wall time of the whole call.
+        restarts: ``total_after`` of every attempt (see ``restarts``), in attempt order; the
+            returned permutation is the best one's (its spread is the local optima's).
     """
 
     permutation: Permutation
@@ -76,6 +80,7 @@ class WeightMatchingResult:
     total_after: float
     backend: str
     seconds: float
+    restarts: tuple[float, ...] = ()
 
 
 def weight_matching(
@@ -85,7 +90,8 @@ def weight_matching(
     *,
     seed: int = 0,
     max_sweeps: int = 100,
-    init: Mapping[str, torch.Tensor] | None = None,
+    init: Mapping[str, torch.Tensor] | str | None = None,
+    restarts: int = 1,
     backend: str = "auto",
     tol: float = 1e-12,
     quiet: bool = False,
@@ -99,15 +105,21 @@ def weight_matching(
         sd_a, sd_b: state dicts with the same keys and shapes; neither is modified.
         seed: seeds the order in which groups are visited each sweep.
         max_sweeps: stop after this many sweeps even if the last one still changed something.
-        init: starting permutation (groups it omits start at the identity); by default the better
-            of the identity and a signature match (see the module docstring).
+        init: starting permutation (groups it omits start at the identity); ``"anneal"`` for the
+            annealed Sinkhorn-relaxed start (:mod:`permerge.match.anneal`: slower, finds better
+            optima on deep nets); by default the better of the identity and a signature match (see
+            the module docstring).
+        restarts: run the descent this many times and keep the highest objective: attempt 0 is
+            the run above, attempt ``i`` visits in seed ``seed + i``'s order, from ``init`` if given
+            (the annealed start is computed once), else from the identity or a random permutation
+            (:mod:`permerge.match.restarts`); never worse than one run.
         backend: LAP backend, see :func:`permerge.match.lap.solve`.
         tol: a group's new permutation is kept only if it beats the current one by more than
             ``tol`` relative to the current objective.
         quiet: hide the progress bar (shown only when stderr is a terminal).
         device: where the cost matmuls run (default CPU); the LAPs always run on the CPU.
-        workers: threads solving the LAPs of independent groups concurrently (default: one per
-            two CPU cores, at most 4); the result does not depend on it.
+        workers: threads solving the LAPs of independent groups concurrently, or running restarts
+            concurrently (default: one per two CPU cores, at most 4); the result does not depend on it.
 
     Returns:
         A :class:`WeightMatchingResult`; ``apply_permutation(spec, res.permutation, sd_b)`` is B
@@ -125,29 +137,39 @@ def weight_matching(
         True
     """
     start = time.perf_counter()
-    _validate(spec, sd_a, sd_b)
+    check_matchable(spec, [sd_a, sd_b], ["A", "B"])
+    if isinstance(init, str) and init != "anneal":
+        raise ValueError(f"init must be a permutation, None or 'anneal', got {init!r}")
     backend = lap.resolve_backend(backend)
     workers = resolve_workers(workers)
     dev = torch.device("cpu" if device is None else device)
     a = {k: sd_a[k].to(dev) for k in spec.keys}
     b = {k: sd_b[k].to(dev) for k in spec.keys}
     before, total_before = _objectives(spec, a, b)
-    costs = _Costs(spec, a, *_start(spec, a, b, init, backend, total_before))
-    objective = _objectives(spec, a, costs.b)[1]
-    todo = [g.name for g in spec.groups if g.size > 1]
-    sweeps, converged = coordinate_descent(
-        costs, todo, objective, seed=seed, max_sweeps=max_sweeps, backend=backend, tol=tol,
-        workers=workers, desc="weight matching", quiet=quiet,
-    )  # fmt: skip
-    after, total_after = _objectives(spec, a, costs.b)
+    inner = 1 if restarts > 1 and workers > 1 else workers  # parallel attempts, or parallel LAPs
+    if init == "anneal":  # one annealing; restarts then vary the descent's visit order from it
+        init = annealed_start(spec, a, b, backend=backend)
+
+    def attempt(i: int) -> tuple[_Costs, int, bool, float]:
+        costs = _Costs(spec, a, *_start(spec, a, b, restart_start(spec, i, seed, init), backend, total_before))
+        todo = [g.name for g in spec.groups if g.size > 1]
+        sweeps, converged = coordinate_descent(
+            costs, todo, _objectives(spec, a, costs.b)[1], seed=seed + i, max_sweeps=max_sweeps, backend=backend,
+            tol=tol, workers=inner, desc="weight matching", quiet=quiet,
+        )  # fmt: skip
+        return costs, sweeps, converged, _objectives(spec, a, costs.b)[1]
+
+    (costs, sweeps, converged, total_after), spread = best_of(attempt, restarts, lambda r: r[3], workers)
+    after = _objectives(spec, a, costs.b)[0]
     seconds = time.perf_counter() - start
     LOG.info(
-        "weight matching: objective %.6g -> %.6g in %d sweeps (%.2f s, %s)",
-        total_before, total_after, sweeps, seconds, "converged" if converged else "max_sweeps reached",
-    )
+        "weight matching: objective %.6g -> %.6g in %d sweeps (%.2f s, %s; %d attempts %.6g..%.6g)", total_before,
+        total_after, sweeps, seconds, "converged" if converged else "max_sweeps reached", restarts, min(spread),
+        max(spread),
+    )  # fmt: skip
     return WeightMatchingResult(
         dict(costs.perm), sweeps, converged, MappingProxyType(before), MappingProxyType(after),
-        total_before, total_after, backend, seconds,
+        total_before, total_after, backend, seconds, spread,
     )
 
 
@@ -466,7 +488,8 @@ def _objectives(
     return per_group, sum(dots.values())
 
 
-def _validate(spec: PermutationSpec, sd_a: Mapping[str, torch.Tensor], sd_b: Mapping[str, torch.Tensor]) -> None:
-    """Raise before any work is done (:func:`permerge.check.check_compatible`; values: the spec's tensors)."""
-    check_compatible([sd_a, sd_b], ["A", "B"], spec=spec, finite=False)
-    check_compatible([{k: sd_a[k] for k in spec.keys}, {k: sd_b[k] for k in spec.keys}], ["A", "B"])
+def check_matchable(spec: PermutationSpec, state_dicts: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]) -> None:
+    """Raise before any work unless ``state_dicts`` can be matched under ``spec``
+    (:func:`permerge.check.check_compatible`; values: the spec's tensors must be finite)."""
+    check_compatible(state_dicts, names, spec=spec, finite=False)
+    check_compatible([{k: sd[k] for k in spec.keys} for sd in state_dicts], names)

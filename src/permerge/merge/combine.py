@@ -16,16 +16,16 @@ from typing import Any
 from torch import nn
 
 from permerge.align import align
-from permerge.check import PreservationReport, check_compatible, check_function_preserved
+from permerge.check import check_compatible, check_permutations
 from permerge.errors import PermergeError
 from permerge.graph import trace
 from permerge.match import activation_matching, weight_matching
 from permerge.merge import check_merge_weights, merge
-from permerge.merge.many import merge_many
+from permerge.merge.many import c2m3_merge, merge_many
 from permerge.merge.partial import Budget, partial_merge
 from permerge.merge.pleas import pleas
 from permerge.merge.zipit import zipit
-from permerge.permutation import Permutation, identity, is_identity
+from permerge.permutation import Permutation, identity
 from permerge.pipeline import positive
 from permerge.spec import PermutationSpec
 
@@ -86,8 +86,15 @@ def _weight(req: MergeRequest) -> _Merged:
 
 def _many(req: MergeRequest) -> _Merged:
     spec = _spec(req)
-    res = merge_many(req.models, spec=spec, seed=req.seed)
-    return _Merged(res.merged, res.permutations, spec, {"rounds": res.rounds, "converged": res.converged})  # type: ignore[arg-type]
+    # check=False here and in _c2m3: merge_models checks every model's permutation after merging
+    res = merge_many(req.models, spec=spec, seed=req.seed, check=False, **req.options)
+    return _Merged(res.merged, res.permutations, spec, res.report())  # type: ignore[arg-type]
+
+
+def _c2m3(req: MergeRequest) -> _Merged:
+    spec = _spec(req)
+    res = c2m3_merge(req.models, spec=spec, seed=req.seed, check=False, quiet=req.quiet, **req.options)
+    return _Merged(res.merged, res.permutations, spec, res.report())  # type: ignore[arg-type]
 
 
 def _average(req: MergeRequest) -> _Merged:
@@ -138,21 +145,24 @@ def _zipit(req: MergeRequest) -> _Merged:
 METHODS: dict[str, Callable[[MergeRequest], _Merged]] = {
     "weight": _weight,
     "many": _many,
+    "c2m3": _c2m3,
     "average": _average,
     "partial": _partial,
     "pleas": _pleas,
     "zipit": _zipit,
 }
 """Merge method name → function. ``weight``: weight-match every model to the first, then average
-with ``weights``; ``many``: MergeMany (align each to the mean of the others until stable), uniform;
-``average``: no alignment (the naive baseline); ``partial`` (2 models): align B to A (activation
+with ``weights``; ``many``: MergeMany (align each to the mean of the others until the objective
+stops rising; options ``max_rounds``, ``tol``), uniform; ``c2m3``: C2M3 (cycle-consistent
+Frank–Wolfe matching of all models at once, refined by MergeMany rounds; options ``max_iter``,
+``fw_tol``, ``refine``, ``max_rounds``, ``tol``), uniform; ``average``: no alignment (the naive baseline); ``partial`` (2 models): align B to A (activation
 matching on ``data``, else weight matching) and merge partially within ``budget``; ``pleas`` (2
 models, needs ``data``): PLeaS; ``zipit`` (2+ models, needs ``data``): ZipIt! (features merged within
 and across models, budget in [1, N], options ``alpha``, ``beta``, ``depth``, ``batches``). The last
 three return a wider model and its ``architecture``."""
 
 _TWO_MODELS = frozenset({"partial", "pleas"})
-_UNIFORM = frozenset({"many", "partial", "pleas", "zipit"})
+_UNIFORM = frozenset({"many", "c2m3", "partial", "pleas", "zipit"})
 
 
 def check_merge_request(method: str, n_models: int, *, weights: Sequence[float] | None, budget: Budget,
@@ -177,23 +187,6 @@ def check_merge_request(method: str, n_models: int, *, weights: Sequence[float] 
     if method in ("pleas", "zipit") and not (has_data if has_data is not None else data is not None):
         name = "PLeaS" if method == "pleas" else "ZipIt!"
         raise PermergeError(f"{name} needs unlabeled data: pass data=... (--data package.module:function)")
-
-
-def check_permutations(models: Sequence[nn.Module], result: _Merged, example_inputs: Any,
-                       example_kwargs: Mapping[str, Any] | None, tol: float, seed: int) -> list[PreservationReport | None]:  # fmt: skip
-    """Every model's permutation into the merged basis must keep that model's function (the merge
-    itself changes the function on purpose; the permutations must not). ``None``: nothing moved."""
-    reports: list[PreservationReport | None] = []
-    for i, (model, perm) in enumerate(zip(models, result.permutations)):
-        if is_identity(perm):
-            reports.append(None)
-            continue
-        try:
-            reports.append(check_function_preserved(model, result.spec, example_inputs, perm,
-                                                    example_kwargs=example_kwargs, tol=tol, seed=seed))  # fmt: skip
-        except PermergeError as e:
-            raise type(e)(f"model {i}: {e}") from e
-    return reports
 
 
 def merge_models(
@@ -231,7 +224,8 @@ def merge_models(
     req = MergeRequest(models, example_inputs, weights, spec, example_kwargs, seed, budget, data, keep_heads,
                        options or {}, quiet)  # fmt: skip
     res = METHODS[method](req)
-    checks = check_permutations(models, res, example_inputs, example_kwargs, tol, seed)
+    checks = check_permutations(models, res.spec, res.permutations, example_inputs, example_kwargs=example_kwargs,
+                                tol=tol, seed=seed)
     errors = [r.relative_error for r in checks if r is not None]
     report: dict[str, Any] = {
         "method": method,

@@ -163,6 +163,8 @@ def load_gpt2(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, dict[str,
         "stats": windows(text, 16 * args.stats_batches, 16, start=len(text) // 2),
         "example": (torch.zeros(2, CONTEXT, dtype=torch.long),),
         "metrics": "causal-lm",
+        "refine": windows(text, 16 * args.refine_batches, 16),
+        "loss_fn": lm_loss,
     }
     return a, b, data
 
@@ -182,6 +184,8 @@ def load_vit(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, dict[str, 
         "stats": [(x[i : i + 100], y[i : i + 100]) for i in range(len(x) - 100 * args.stats_batches, len(x), 100)],
         "example": (x[:2],),
         "metrics": "classification",
+        "refine": [(x[i : i + 100], y[i : i + 100]) for i in range(0, 100 * args.refine_batches, 100)],
+        "loss_fn": F.cross_entropy,
     }
     return a, b, data
 
@@ -193,30 +197,36 @@ FAMILIES: dict[str, tuple[str, Callable[[argparse.Namespace], tuple[nn.Module, n
 
 
 METHODS = (
-    ("naive", None, None),
-    ("weight matching, permutations", "weight", "permutation"),
-    ("activation matching, permutations", "activation", "permutation"),
-    ("weight matching, orthogonal (streams and heads)", "weight", {"orthogonal"}),
-    ("activation matching, orthogonal (streams and heads)", "activation", {"orthogonal"}),
-    ("weight matching, all (orthogonal streams, invertible heads)", "weight", "all"),
-    ("activation matching, all (orthogonal streams, invertible heads)", "activation", "all"),
+    ("naive", None, None, False),
+    ("weight matching, permutations", "weight", "permutation", False),
+    ("activation matching, permutations", "activation", "permutation", False),
+    ("weight matching, orthogonal (streams and heads)", "weight", {"orthogonal"}, False),
+    ("activation matching, orthogonal (streams and heads)", "activation", {"orthogonal"}, False),
+    ("weight matching, all (orthogonal streams, invertible heads)", "weight", "all", False),
+    ("activation matching, all (orthogonal streams, invertible heads)", "activation", "all", False),
+    ("activation matching, orthogonal, + learned refinement", "activation", {"orthogonal"}, True),
+    ("activation matching, all, + learned refinement", "activation", "all", True),
 )
-"""Rows: ``(label, align method, symmetries)``; beyond permutations, each group gets the richest class
-both traced and asked for (heads and GELU units stay permutations throughout)."""
+"""Rows: ``(label, align method, symmetries, refine)``; beyond permutations, each group gets the richest
+class both traced and asked for (heads and GELU units stay permutations throughout). ``refine``:
+the dense maps are then refined by gradient steps on the midpoint loss (``permerge.align(...,
+refine=...)``, :mod:`permerge.match.refine`) on training batches disjoint from the test set."""
 
 
 def measure(a: nn.Module, b: nn.Module, data: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per method: the aligned B, its curve with and without REPAIR, and timings."""
     spec = permerge.trace(a, data["example"])
     rows = []
-    for label, method, symmetries in METHODS:
+    for label, method, symmetries, refine in METHODS:
         t0 = time.perf_counter()
         if method is None:
             aligned, report = b, {}
         else:
+            options = {"refine": {"steps": args.refine_steps, "lr": args.refine_lr, "loss_fn": data["loss_fn"],
+                                  "data": data["refine"]}} if refine else {}  # fmt: skip
             try:
                 res = permerge.align(a, b, data["example"], method, spec=spec, symmetries=symmetries,
-                                     data=data["stats"] if method == "activation" else None, quiet=True)  # fmt: skip
+                                     data=data["stats"] if method == "activation" else None, quiet=True, **options)  # fmt: skip
             except IllConditionedError as e:  # reported in the table, not hidden
                 LOG.warning("%s: %s", label, e)
                 rows.append({"label": label, "refused": str(e).split(":")[0]})
@@ -270,6 +280,9 @@ def main() -> None:
     p.add_argument("--vit-test-size", type=int, default=5000)
     p.add_argument("--stats-batches", type=int, default=8)
     p.add_argument("--alphas", type=int, default=11)
+    p.add_argument("--refine-steps", type=int, default=300)
+    p.add_argument("--refine-lr", type=float, default=5e-3)
+    p.add_argument("--refine-batches", type=int, default=32)
     p.add_argument("--train-only", action="store_true", help="train and cache the models, then stop")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

@@ -11,6 +11,7 @@ against B end to end.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from permerge.check import check_compatible, check_same_function
 from permerge.errors import PermergeError
 from permerge.graph import trace, trace_graph
 from permerge.match import MatchRequest, get_matcher
+from permerge.match.refine import refine_transform
 from permerge.match.symmetry import DENSE, transform_activation_matching, transform_weight_matching
 from permerge.permutation import Permutation
 from permerge.pipeline import ModuleCheck, Stages, positive, run_alignment
@@ -84,6 +86,7 @@ def align(
     tol: float = 1e-4,
     quiet: bool = False,
     symmetries: str | Iterable[str] = "permutation",
+    refine: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> AlignResult:
     """Align ``model_b``'s hidden units to ``model_a``'s; returns an aligned *copy* of B.
@@ -102,7 +105,11 @@ def align(
     gains on those groups are folded into their consumers, the transform is matched and checked on
     B so folded, and the result is moved back into A's gauge (B's gains replaced by A's, same
     function), so it loads, merges and interpolates like any aligned B; B and the result are then
-    compared end to end (``report["end_to_end_error"]``).
+    compared end to end (``report["end_to_end_error"]``). ``refine`` (e.g. ``{"steps": 200, "lr": 1e-2,
+    "loss_fn": ...}``, the options of :func:`~permerge.match.refine.refine_transform`, and its own ``"data"`` if not
+    ``data``) then improves the dense maps by gradient steps on the loss of the line between A and B
+    (``(inputs, targets)`` batches); the matched maps are kept where refinement does not lower the
+    midpoint loss on its selection batches.
 
     Example:
         >>> import torch, permerge
@@ -119,6 +126,9 @@ def align(
         if symmetries != "permutation" and method not in ("weight", "activation"):
             raise PermergeError(f"method {method!r} aligns permutations only; use 'weight' or 'activation' with symmetries={symmetries!r}")
         resolve_symmetries(PermutationSpec(()), symmetries)  # the names, before any work
+        if refine is not None and (symmetries == "permutation" or (data is None and "data" not in refine)):
+            raise PermergeError("refine improves dense maps on the path loss: it needs symmetries beyond 'permutation' "
+                                "and (inputs, targets) data")  # fmt: skip
     with stages("trace"):
         if spec is None:
             spec = trace(model_a, example_inputs, example_kwargs=example_kwargs)
@@ -127,7 +137,7 @@ def align(
     classes = resolve_symmetries(spec, symmetries)
     if any(c != PERMUTATION for g, c in classes.items() if spec[g].size > 1):
         return _align_transform(model_a, model_b, example_inputs, method, spec, classes, dict(example_kwargs or {}),
-                                data, seed, check, tol, quiet, options, stages)  # fmt: skip
+                                data, seed, check, tol, quiet, options, stages, refine)  # fmt: skip
     request = MatchRequest(spec, model_a, model_b, example_inputs, dict(example_kwargs or {}), data, seed, quiet, options)
     fc = ModuleCheck(model_b, spec, example_inputs, example_kwargs, tol, seed) if check else None
     perm, report = run_alignment(spec, lambda: get_matcher(method)(request), fc, stages, method=method)
@@ -141,7 +151,7 @@ def align(
 def _align_transform(
     model_a: nn.Module, model_b: nn.Module, example_inputs: Any, method: str, spec: PermutationSpec,
     classes: Mapping[str, str], kwargs: dict[str, Any], data: Iterable[Any] | None, seed: int, check: bool,
-    tol: float, quiet: bool, options: Mapping[str, Any], stages: Stages,
+    tol: float, quiet: bool, options: Mapping[str, Any], stages: Stages, refine: Mapping[str, Any] | None = None,
 ) -> AlignResult:  # fmt: skip
     """``align`` beyond permutations: fold the gains the dense groups need, match, check, apply, unfold
     into A's gauge, check B against the result end to end."""
@@ -152,14 +162,23 @@ def _align_transform(
     folded_b.load_state_dict(fold_gains(g, model_b.state_dict()))
     wanted = set(classes.values())
 
+    folded_a = copy.deepcopy(model_a)
+    folded_a.load_state_dict(fold_gains(g, sd_a))
+
     def match() -> Any:
         if method == "weight":
-            return transform_weight_matching(g.spec, fold_gains(g, sd_a), folded_b.state_dict(), symmetries=wanted,
-                                             keep_ones=g.keep_ones, seed=seed, quiet=quiet, **options)  # fmt: skip
-        folded_a = copy.deepcopy(model_a)
-        folded_a.load_state_dict(fold_gains(g, sd_a))
-        return transform_activation_matching(folded_a, folded_b, g.spec, data, symmetries=wanted, keep_ones=g.keep_ones,
-                                             example_kwargs=kwargs, quiet=quiet, **options)  # fmt: skip
+            res = transform_weight_matching(g.spec, folded_a.state_dict(), folded_b.state_dict(), symmetries=wanted,
+                                            keep_ones=g.keep_ones, seed=seed, quiet=quiet, **options)  # fmt: skip
+        else:
+            res = transform_activation_matching(folded_a, folded_b, g.spec, data, symmetries=wanted, keep_ones=g.keep_ones,
+                                                example_kwargs=kwargs, quiet=quiet, **options)  # fmt: skip
+        if refine is None:
+            return res
+        opts = dict(refine)
+        batches = opts.pop("data", data)
+        transform, info = refine_transform(g.spec, folded_a, folded_b.state_dict(), res.transform, res.classes, batches,
+                                           keep_ones=g.keep_ones, seed=seed, quiet=quiet, **opts)  # fmt: skip
+        return dataclasses.replace(res, transform=transform, refined=info)
 
     fc = ModuleCheck(folded_b, g.spec, example_inputs, kwargs, tol, seed) if check else None
     extra = {"class_counts": {c: sum(v == c for v in classes.values()) for c in sorted(wanted)},

@@ -120,7 +120,7 @@ def build_spec(
             taken.add(name)
             groups.append(Group(name, size, axes, symmetry))
             roots[name] = root
-        elif reason is not None and size > 1 and reason.kind is FrozenKind.NON_CHANNEL and root in units:
+        elif reason is not None and size > 1 and reason.kind is FrozenKind.NON_CHANNEL and root in sp.units:
             # a layer's units tied to an axis that is no channel: a constant or position grid varying along them
             frozen.append(Frozen(size, f"units meet a non-channel axis ({reason.text}): a constant, mask or position "
                                        "grid varies along them", axes, FrozenKind.UNSUPPORTED))  # fmt: skip

@@ -90,6 +90,7 @@ class TransformMatchingResult:
         permutation_distance: the same after the permutation-only start (weight matching).
         sweeps, converged: of the coordinate descent (weight matching).
         seconds: wall time.
+        refined: steps and selection losses of a learned refinement (:mod:`permerge.match.refine`), if one ran.
     """
 
     transform: Transform
@@ -100,6 +101,7 @@ class TransformMatchingResult:
     sweeps: int
     converged: bool
     seconds: float
+    refined: Mapping[str, Any] | None = None  # learned refinement's numbers (match/refine.py), if run
 
     @property
     def permutation(self) -> Permutation:

@@ -1,0 +1,72 @@
+"""Learned refinement of dense maps (permerge.match.refine): never worse than the matcher, maps stay in
+their class, the function is kept, bad requests refused before any work."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import zoo
+from zoo import ZOO_BY_NAME
+
+import permerge as pm
+from permerge.errors import PermergeError
+from permerge.transform import LinearMap
+
+
+def _pair(name):
+    z = ZOO_BY_NAME[name]
+    zoo.SEED = 1
+    try:
+        b = z.build()
+    finally:
+        zoo.SEED = 0
+    return z.build(), b, z.inputs()
+
+
+def _loss(out, y):
+    return torch.nn.functional.cross_entropy(out[:, 0], y)
+
+
+DATA = [(t, t[:, 0] % 64) for t in (torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(i)) for i in range(6))]
+
+
+def test_refinement_lowers_the_midpoint_loss_and_keeps_the_function():
+    a, b, x = _pair("transformer_manual_ln")
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    matched = pm.align(a, b, x, "activation", symmetries="all", data=DATA, quiet=True)
+    refined = pm.align(a, b, x, "activation", symmetries="all", data=DATA, quiet=True,
+                       refine={"steps": 30, "lr": 0.02, "loss_fn": _loss, "every": 10})  # fmt: skip
+    info = refined.report["refined"]
+    assert info["steps"] == 30 and info["best_loss"] < 0.95 * info["start_loss"]
+    assert refined.report["function_preservation_error"] < 1e-5 and refined.report["end_to_end_error"] < 1e-5
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())  # B untouched
+    with torch.no_grad():  # the selection loss is the loss of the plain average in A's gauge
+        mids = [sum(float(_loss(pm.merge([a, r.model])(xx), yy)) for xx, yy in DATA[:4]) / 4 for r in (matched, refined)]
+    assert mids[0] == pytest.approx(info["start_loss"], rel=1e-4) and mids[1] == pytest.approx(info["best_loss"], rel=1e-4)
+    # orthogonal groups stay orthogonal (the check would refuse otherwise); LayerNorm streams keep 1
+    stream = next(iter(refined.report["keep_ones"]))
+    q = refined.transform[stream]
+    assert isinstance(q, LinearMap)
+    ones = torch.ones(q.matrix.shape[-1], dtype=torch.float64)
+    assert torch.allclose(q.matrix[0] @ ones, ones, atol=1e-9)
+    assert torch.allclose(q.matrix[0].T @ q.matrix[0], torch.eye(len(ones), dtype=torch.float64), atol=1e-9)
+
+
+def test_no_steps_returns_the_matched_maps():
+    a, b, x = _pair("transformer_manual_ln")
+    matched = pm.align(a, b, x, "weight", symmetries="all", quiet=True)
+    same = pm.align(a, b, x, "weight", symmetries="all", quiet=True, refine={"steps": 0, "loss_fn": _loss, "data": DATA})
+    assert all(torch.equal(matched.model.state_dict()[k], v) for k, v in same.model.state_dict().items())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"symmetries": "permutation", "data": DATA}, "needs symmetries beyond 'permutation'"),
+    ({"symmetries": "all"}, "and \\(inputs, targets\\) data"),
+])  # fmt: skip
+def test_refine_refused_before_work(kwargs, message, monkeypatch):
+    a, b, x = _pair("transformer_manual_ln")
+    monkeypatch.setattr(importlib.import_module("permerge.align"), "trace", lambda *a, **k: pytest.fail("traced first"))
+    with pytest.raises(PermergeError, match=message):
+        pm.align(a, b, x, "weight", quiet=True, refine={"steps": 5, "loss_fn": _loss}, **kwargs)

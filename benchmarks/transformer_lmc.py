@@ -122,6 +122,11 @@ def lm_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.flatten(0, -2), y.flatten())
 
 
+def window_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Next-byte cross-entropy of a ``windows`` batch ``(tokens, tokens)``: predictions shifted."""
+    return lm_loss(out[:, :-1], y[:, 1:])
+
+
 def train_lm(model: nn.Module, text: torch.Tensor, seed: int, *, steps: int, batch: int, lr: float,
              threads: int) -> nn.Module:  # fmt: skip
     """AdamW on random windows of ``text`` (order from ``seed``), linear warm-up then cosine decay."""
@@ -164,7 +169,7 @@ def load_gpt2(args: argparse.Namespace) -> tuple[nn.Module, nn.Module, dict[str,
         "example": (torch.zeros(2, CONTEXT, dtype=torch.long),),
         "metrics": "causal-lm",
         "refine": windows(text, 16 * args.refine_batches, 16),
-        "loss_fn": lm_loss,
+        "loss_fn": window_loss,
     }
     return a, b, data
 

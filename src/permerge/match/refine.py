@@ -7,7 +7,9 @@ with ``M₀`` the matcher's answer and ``S`` learned (skew-symmetric for orthogo
 stays orthogonal; with the all-ones direction projected out under LayerNorm, so it keeps that
 direction; any matrix for invertible groups). Permutations and scales stay as matched. Every
 checkpoint is scored on fixed selection batches at ``α = ½`` and the best map (the matcher's own
-included) is returned, so refinement never returns a worse midpoint loss on those batches.
+included) is returned, so refinement never returns a worse midpoint loss on those batches, which are
+held out from the training steps (the maps have enough freedom to fit the batches they train on).
+The network runs in eval mode: dense groups never touch BatchNorm, and dropout would only add noise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from permerge.apply import apply_transform
+from permerge.errors import PermergeError
 from permerge.match.learned import PathLoss, batches_of, cycle, pair
 from permerge.progress import progress
 from permerge.spec import ORTHOGONAL, PermutationSpec
@@ -53,16 +56,21 @@ def refine_transform(
     """Refine ``transform``'s dense maps (see the module docstring); returns the best transform and
     ``{"steps", "start_loss", "best_loss", "seconds"}`` (selection losses at ``α = ½``).
 
-    ``classes`` is the class each group was matched in. ``model_a`` and ``sd_b`` are A and B as the transform sees them (norm gains folded where the
+    The first ``select_batches`` of the ``batches`` taken from ``data`` score checkpoints; the rest
+    train. ``classes`` is the class each group was matched in. ``model_a`` and ``sd_b`` are A and B as the transform sees them (norm gains folded where the
     dense groups need it, :mod:`permerge.reparam`); neither is modified. ``alpha`` is the point of
     the path trained on, or None for a uniformly random one per step.
     """
     if steps < 0 or lr <= 0 or every < 1:
         raise ValueError(f"refinement needs steps >= 0, lr > 0, every >= 1; got {steps}, {lr}, {every}")
     t0 = time.perf_counter()
-    train = batches_of(data, batches, pair)
-    selection = train[:select_batches]
+    given = batches_of(data, batches, pair)
+    if len(given) <= select_batches:
+        raise PermergeError(f"refinement needs more than select_batches={select_batches} batches (held out to score "
+                            f"checkpoints); got {len(given)}")  # fmt: skip
+    selection, train = given[:select_batches], given[select_batches:]
     path = PathLoss(model_a, loss_fn)
+    path.net.eval()  # dense groups never touch BatchNorm (its statistics allow permutations only): no dropout noise
     ones = set(keep_ones)
     dense = {n: t for n, t in transform.items() if isinstance(t, LinearMap)}
     logs = {n: torch.zeros_like(t.matrix, requires_grad=True) for n, t in dense.items()}

@@ -446,3 +446,15 @@ def _timm(name: str) -> ZooModel:
 ZOO += [_timm(name) for name in timm_zoo.TIMM]
 
 ZOO_BY_NAME: dict[str, ZooModel] = {entry.name: entry for entry in ZOO}
+
+
+def two_seeds(name: str) -> tuple[nn.Module, nn.Module, tuple[Any, ...], dict[str, Any]]:
+    """Entry ``name`` built from seeds 0 and 1 (A and B of a pair), its inputs and keyword inputs."""
+    global SEED
+    z = ZOO_BY_NAME[name]
+    SEED = 1
+    try:
+        b = z.build()
+    finally:
+        SEED = 0
+    return z.build(), b, z.inputs(), z.input_kwargs

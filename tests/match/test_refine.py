@@ -8,8 +8,7 @@ import importlib
 
 import pytest
 import torch
-import zoo
-from zoo import ZOO_BY_NAME
+from zoo import two_seeds
 
 import permerge as pm
 from permerge.apply import apply_transform
@@ -21,13 +20,7 @@ from permerge.transform import LinearMap, resolve_symmetries
 
 
 def _pair(name):
-    z = ZOO_BY_NAME[name]
-    zoo.SEED = 1
-    try:
-        b = z.build()
-    finally:
-        zoo.SEED = 0
-    return z.build(), b, z.inputs()
+    return two_seeds(name)[:3]
 
 
 def _loss(out, y):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_transform import NAMES, _with, prepared
-from zoo import ZOO_BY_NAME
+from zoo import ZOO_BY_NAME, two_seeds
 
 import permerge as pm
 from permerge.apply import apply_transform
@@ -86,23 +86,11 @@ def test_ill_conditioned_maps_are_refused():
     assert _worst(apply_transform(spec, res.transform, b), a, a) < 1e-6
 
 
-def _pair(name: str):
-    import zoo
-
-    z = ZOO_BY_NAME[name]
-    zoo.SEED = 1
-    try:
-        b = z.build()
-    finally:
-        zoo.SEED = 0
-    return z.build(), b, z.inputs(), z.input_kwargs
-
-
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_align_beyond_permutations(method):
     """``align(..., symmetries="all")``: same class and keys, same function as B, A's norm gains, inputs
     untouched; the result merges and interpolates like any aligned model (at α=1 it is B)."""
-    a, b, x, kwargs = _pair("transformer_manual_ln")
+    a, b, x, kwargs = two_seeds("transformer_manual_ln")
     spec = pm.trace(a, x, example_kwargs=kwargs)
     before = {k: v.clone() for k, v in b.state_dict().items()}
     data = [(torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
@@ -124,7 +112,7 @@ def test_align_beyond_permutations(method):
 
 
 def test_align_refuses_unsupported_requests_before_work():
-    a, b, x, kwargs = _pair("transformer_manual_ln")
+    a, b, x, kwargs = two_seeds("transformer_manual_ln")
     spec = pm.trace(a, x, example_kwargs=kwargs)
     with pytest.raises(PermergeError, match="'ste' aligns permutations only"):
         pm.align(a, b, x, "ste", spec=spec, symmetries="all", data=[])

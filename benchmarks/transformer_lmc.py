@@ -314,7 +314,9 @@ def main() -> None:
         f"context {CONTEXT}, {args.gpt_steps} AdamW steps of 32 windows; test = {args.gpt_test_windows} windows of held-out "
         f"files. ViT: {args.vit_layers} layers, width {args.vit_width}, 4 heads, 7×7 patches, {args.vit_epochs} Adam epochs "
         f"on 60k images; test = first {args.vit_test_size} test images. {args.alphas}-point α grid; activation matching "
-        f"and REPAIR on {args.stats_batches} training batches. Loss barrier: worst excess over the endpoints' line; "
+        f"and REPAIR on {args.stats_batches} training batches; learned refinement: {args.refine_steps} Adam steps, lr "
+        f"{args.refine_lr}, at α = ½ on {args.refine_batches} other training batches (16 windows / 100 images; the first 4 "
+        f"held out to pick the checkpoint). Loss barrier: worst excess over the endpoints' line; "
         "midpoint excess: loss at α = ½ minus the endpoints' mean."
     )
     out = save_results("transformer_lmc", "Transformer LMC modulo the full symmetry group", text, note)

@@ -128,7 +128,12 @@ def test_interrupted_write_leaves_no_output(ckpts, tmp_path, monkeypatch, capsys
         raise AssertionError("signal not delivered")
 
     monkeypatch.setattr("permerge.io.outputs.write_provenance", interrupted)
-    assert main(["align", *MODEL, str(a), str(b), "-o", str(out)]) == code
+    # a shell starts background jobs with SIGINT ignored; test what Python does by default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["align", *MODEL, str(a), str(b), "-o", str(out)]) == code
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert err == f"permerge align: {message}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.pt"]  # no output, no partial, no lock

@@ -53,7 +53,9 @@ def _start(root: Path, out: Path, delay: float, *extra: str) -> subprocess.Popen
     env = {**os.environ, "PERMERGE_TEST_DELAY": str(delay), "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
     argv = [sys.executable, "-m", "permerge", "align", "--model", "slowmodel:make", str(root / "a.safetensors"),
             str(root / "b.safetensors"), "-o", str(out), *extra]  # fmt: skip
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell starts background jobs with SIGINT ignored, and children inherit that: give the run Python's default
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def _wait_for(predicate, timeout: float = 60.0) -> None:

@@ -28,7 +28,6 @@ from permerge.graph.layers import LINEAR, Layer, find_layers
 from permerge.graph.norms import VIEWS, find_gains
 from permerge.graph.propagate import Propagation
 from permerge.graph.rules import rule_key
-from permerge.graph.spaces import Spaces
 from permerge.spec import INVERTIBLE, ORTHOGONAL, PERMUTATION, Axis, meet
 
 __all__ = ["Classes", "symmetry_classes"]
@@ -76,7 +75,7 @@ def symmetry_classes(prop: Propagation, caps: Sequence[Captured]) -> Classes:
         of[root] = cls
 
     def bound(s: int, cls: str) -> None:
-        for leaf in _leaves(sp, s):
+        for leaf in sp.leaves(s):
             of[leaf] = meet(of.get(leaf, INVERTIBLE), cls)
 
     for key, dim in prop.consumer_axes & prop.producer_axes:
@@ -87,16 +86,10 @@ def symmetry_classes(prop: Propagation, caps: Sequence[Captured]) -> Classes:
         if sides[0] is None or sides[1] is None or sides[0] & sides[1]:
             bound(s, PERMUTATION)
             continue
-        for leaf in _leaves(sp, s):
+        for leaf in sp.leaves(s):
             old = pairs.get(leaf, (frozenset(), frozenset()))
             pairs[leaf] = (old[0] | sides[0], old[1] | sides[1])
     return Classes(of, pairs)
-
-
-def _leaves(sp: Spaces, s: int) -> list[int]:
-    r = sp.find(s)
-    st = sp.struct.get(r)
-    return [r] if st is None else [leaf for c in st[1] for leaf in _leaves(sp, c)]
 
 
 _Graph = tuple[Mapping[str, fx.Node], Mapping[str, Layer]]

@@ -42,16 +42,6 @@ def parts(sp: Spaces, s: int, pos: torch.Tensor) -> Iterator[tuple[int, torch.Te
             start += n
 
 
-def _leaves(sp: Spaces, s: int) -> Iterator[int]:
-    r = sp.find(s)
-    st = sp.struct.get(r)
-    if st is None:
-        yield r
-    else:
-        for c in st[1]:
-            yield from _leaves(sp, c)
-
-
 def fit(key: str, dim: int, pos: torch.Tensor) -> Axis | None:
     rep, _, blk = pos.shape
     offset = int(pos[0, 0, 0])
@@ -105,7 +95,7 @@ def build_spec(
     groups: list[Group] = []
     roots: dict[str, int] = {}
     frozen: list[Frozen] = []
-    live = {leaf for s in prop.live for leaf in _leaves(sp, s)}
+    live = {leaf for s in prop.live for leaf in sp.leaves(s)}
     taken: set[str] = set()
     for root, mem in members.items():
         axes = tuple(dict.fromkeys(a for a, _, _ in mem))

@@ -18,9 +18,9 @@ from torch import fx
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
 from permerge.graph.rules import RULES, Call, Dims, Rule, rule_for
-from permerge.graph.spaces import Cap, Spaces, Why
+from permerge.graph.spaces import Cap, Spaces, Why, meet_bounds
 from permerge.graph.spaces import tensor_dims as _tensor_dims
-from permerge.spec import INVERTIBLE, PERMUTATION, FrozenKind, meet
+from permerge.spec import INVERTIBLE, PERMUTATION, FrozenKind
 
 LOG = logging.getLogger(__name__)
 
@@ -146,13 +146,9 @@ def _bound(c: Call, out: Any, where: tuple[int, str]) -> None:
     where it said nothing)."""
     sp = c.spaces
     allowed: dict[int, tuple[str, str | None]] = {}
-    for s, (cls, folded) in c.allowed.items():
+    for s, bound in c.allowed.items():
         r = sp.find(s)
-        old = allowed.get(r)
-        if old is not None:
-            folded = None if old[1] is None and folded is None else meet(old[1] or old[0], folded or cls)
-            cls = meet(old[0], cls)
-        allowed[r] = (cls, folded)
+        allowed[r] = bound if r not in allowed else meet_bounds(allowed[r], bound)
     touched = {sp.find(s) for a in _arg_nodes(c.node) for d in _tensor_dims(c.env.get(a)) for s in d}
     touched |= {sp.find(s) for d in _tensor_dims(out) for s in d}
     for r in touched:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from permerge.graph.spaces import PROD, SUM, Spaces, Why, tensor_dims
-from permerge.spec import INVERTIBLE, ORTHOGONAL, PERMUTATION, SCALED_PERMUTATION, FrozenKind, meet
+from permerge.graph.spaces import PROD, SUM, Spaces, Why, meet_bounds, tensor_dims
+from permerge.spec import INVERTIBLE, ORTHOGONAL, PERMUTATION, SCALED_PERMUTATION, FrozenKind
 
 __all__ = ["RULES", "Call", "Dims", "register_rule"]
 
@@ -136,9 +136,7 @@ class Call:
         class once the norm gain this node applies is folded into the layers reading it)."""
         for s in spaces:
             old = self.allowed.get(s)
-            if old is not None:
-                cls, if_folded = meet(old[0], cls), _meet_folded(old, (cls, if_folded))
-            self.allowed[s] = (cls, if_folded)
+            self.allowed[s] = (cls, if_folded) if old is None else meet_bounds(old, (cls, if_folded))
 
     def linear(self, out: Any) -> Any:
         """Allow every map on every space this op touches (it is linear in each); returns ``out``."""
@@ -216,12 +214,6 @@ class Call:
 
     def _why(self, kind: FrozenKind, reason: str) -> Why:
         return Why(kind, f"{reason} at node {self.node.name} ({self.node.target})")
-
-
-def _meet_folded(a: tuple[str, str | None], b: tuple[str, str | None]) -> str | None:
-    if a[1] is None and b[1] is None:
-        return None
-    return meet(a[1] or a[0], b[1] or b[0])
 
 
 def _moves_values(rule: Rule) -> Rule:

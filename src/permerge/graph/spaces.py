@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from permerge.spec import FrozenKind
+from permerge.spec import FrozenKind, meet
 
 SUM, PROD = "sum", "prod"
 
@@ -37,6 +37,16 @@ class Cap(NamedTuple):
     cls: str
     if_folded: str | None
     where: tuple[int, str]
+
+
+Bound = tuple[str, "str | None"]
+"""What an op allows on a space: ``(class, class once its norm gain is folded, or None)``."""
+
+
+def meet_bounds(a: Bound, b: Bound) -> Bound:
+    """Both bounds at once: the meet of the classes, and of the folded classes where either has one."""
+    folded = None if a[1] is None and b[1] is None else meet(a[1] or a[0], b[1] or b[0])
+    return meet(a[0], b[0]), folded
 
 
 class Why(NamedTuple):
@@ -118,6 +128,12 @@ class Spaces:
                 self.cap(c, cap)
         elif r not in self.frozen:
             self.caps.setdefault(r, []).append(cap)
+
+    def leaves(self, s: int) -> list[int]:
+        """The atomic spaces ``s`` is made of (itself, if it is not split), outer first."""
+        r = self.find(s)
+        st = self.struct.get(r)
+        return [r] if st is None else [leaf for c in st[1] for leaf in self.leaves(c)]
 
     def mark_units(self, *spaces: int) -> None:
         """Record that ``spaces`` hold a layer's units (a linear's or conv's features, a norm's

@@ -37,6 +37,9 @@ LOG = logging.getLogger(__name__)
 
 __all__ = ["AlignResult", "align", "check_method", "check_models"]
 
+TRANSFORM_METHODS = ("weight", "activation")
+"""The matchers that align beyond permutations (``symmetries``)."""
+
 _NEEDS_DATA = {"activation": "activation matching", "ste": "STE matching", "sinkhorn": "Sinkhorn matching"}
 
 
@@ -123,7 +126,7 @@ def align(
     with stages("validate"):
         positive("tol", tol)
         check_models(model_a, model_b, data=data, method=method)
-        if symmetries != "permutation" and method not in ("weight", "activation"):
+        if symmetries != "permutation" and method not in TRANSFORM_METHODS:
             raise PermergeError(f"method {method!r} aligns permutations only; use 'weight' or 'activation' with symmetries={symmetries!r}")
         resolve_symmetries(PermutationSpec(()), symmetries)  # the names, before any work
         if refine is not None and (symmetries == "permutation" or (data is None and "data" not in refine)):

@@ -34,7 +34,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from permerge.align import align, check_method
+from permerge.align import TRANSFORM_METHODS, align, check_method
 from permerge.align_hf import align_hf, check_hf_dirs
 from permerge.cli._checkpoints import data_from, hf_home, load_checkpoint
 from permerge.cli._common import Outcome, config_of, result_outcome
@@ -157,7 +157,7 @@ def _validate(args: argparse.Namespace) -> None:
     if args.symmetries != "permutation" and args.model is None:
         raise PermergeError("--symmetries beyond permutation needs --model (Hugging Face directories are aligned by "
                             "streamed permutations)")  # fmt: skip
-    if args.symmetries != "permutation" and args.method not in ("weight", "activation"):
+    if args.symmetries != "permutation" and args.method not in TRANSFORM_METHODS:
         raise PermergeError(f"--method {args.method} aligns permutations only; use weight or activation with --symmetries")
     positive("--workers", args.workers, integer=True)
     positive("--max-sweeps", args.max_sweeps, integer=True)

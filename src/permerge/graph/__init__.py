@@ -119,7 +119,8 @@ def trace_graph(
         return traced
     caps = _capture_all(model, calls, train_mode)
     prop = propagate(caps, rules, strict)
-    spec, roots = build_spec(prop, caps[0].aliases, caps[0].state_keys, symmetry_classes(prop, caps))
+    layers = [find_layers(c) for c in caps]
+    spec, roots = build_spec(prop, caps[0].aliases, caps[0].state_keys, symmetry_classes(prop, caps, layers))
     if prop.unknown:
         LOG.warning(
             "froze channels at ops without a rule: %s",
@@ -127,7 +128,7 @@ def trace_graph(
         )
     LOG.info("traced %s: %d groups, %d frozen spaces", type(model).__name__, len(spec.groups), len(spec.frozen))
     targets = {n.name: n.target for n in caps[0].graph.nodes}
-    traced = Traced(spec, caps[0].program, activation_sites(prop, roots, targets), find_layers(caps[0]), prop.unknown)
+    traced = Traced(spec, caps[0].program, activation_sites(prop, roots, targets), layers[0], prop.unknown)
     if k is not None:
         _cache.put(k, traced)
     return traced

@@ -24,8 +24,8 @@ import torch
 from torch import fx
 
 from permerge.graph.capture import Captured
-from permerge.graph.layers import LINEAR, Layer, find_layers
-from permerge.graph.norms import VIEWS, find_gains
+from permerge.graph.layers import LINEAR, Layer
+from permerge.graph.norms import TRANSPOSES, VIEWS, find_gains
 from permerge.graph.propagate import Propagation
 from permerge.graph.rules import rule_key
 from permerge.spec import INVERTIBLE, ORTHOGONAL, PERMUTATION, Axis, meet
@@ -62,10 +62,11 @@ class Classes:
         return "other" if inside[0] == inside[1] else "key" if inside[1] else "query"
 
 
-def symmetry_classes(prop: Propagation, caps: Sequence[Captured]) -> Classes:
-    """Meet every recorded bound of each space, with the graph-wide facts of the module docstring."""
+def symmetry_classes(prop: Propagation, caps: Sequence[Captured], layers: Sequence[tuple[Layer, ...]]) -> Classes:
+    """Meet every recorded bound of each space, with the graph-wide facts of the module docstring;
+    ``layers[i]`` are capture ``i``'s layers (:func:`~permerge.graph.layers.find_layers`)."""
     sp = prop.spaces
-    graphs = [({n.name: n for n in cap.graph.nodes}, {layer.node: layer for layer in find_layers(cap)}) for cap in caps]
+    graphs = [({n.name: n for n in cap.graph.nodes}, {layer.node: layer for layer in found}) for cap, found in zip(caps, layers)]
     folded = _folded_gains(caps, graphs)
     of: dict[int, str] = {}
     for root, bounds in sp.caps.items():
@@ -174,4 +175,4 @@ def _passes(node: fx.Node, op: object) -> bool:
     """Views, transposes, whole slices and scalings by a constant: the layer's output units pass."""
     scaled = op in (aten.mul, aten.div) and len(node.args) == 2 and not isinstance(node.args[1], fx.Node)
     whole = op is aten.slice and _shape(node) == _shape(node.args[0])
-    return node.target in VIEWS or op in (aten.transpose, aten.permute) or scaled or whole
+    return node.target in VIEWS or node.target in TRANSPOSES or scaled or whole

@@ -26,7 +26,7 @@ from torch import fx
 from permerge.graph.capture import STATE, Program
 from permerge.graph.layers import LINEAR, Layer
 
-__all__ = ["Gain", "find_gains"]
+__all__ = ["TRANSPOSES", "VIEWS", "Gain", "find_gains"]
 
 aten = torch.ops.aten
 
@@ -56,6 +56,9 @@ VIEWS = {
     aten.contiguous.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
     aten.detach.default, aten.dropout.default, aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default,
 }  # fmt: skip
+"""Ops that pass a tensor's values through unchanged, up to layout, dtype or a size-1 axis."""
+TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default}
+"""Ops that only reorder a tensor's axes."""
 _INDEXING = {aten.select.int, aten.slice.Tensor}
 _IGNORED = {aten._assert_tensor_metadata.default}
 

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx
 
 from permerge.errors import TraceError
 from permerge.graph.capture import Captured
+from permerge.graph.norms import TRANSPOSES, VIEWS
 from permerge.graph.rules import RULES, Call, Dims, Rule, rule_for
 from permerge.graph.spaces import Cap, Spaces, Why, meet_bounds
 from permerge.graph.spaces import tensor_dims as _tensor_dims
@@ -186,11 +186,7 @@ def _roles(
     return consumers, producers
 
 
-_VIEWS_OF_PARAMS = {
-    torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.view.default,
-    torch.ops.aten.reshape.default, torch.ops.aten._to_copy.default, torch.ops.aten.clone.default,
-    torch.ops.aten.contiguous.default, torch.ops.aten.alias.default, torch.ops.aten.detach.default,
-}  # fmt: skip
+_VIEWS_OF_PARAMS = VIEWS | TRANSPOSES  # a parameter seen through these is still that parameter
 
 
 def _frozen_node(
